@@ -1,0 +1,410 @@
+-- The chunk lifecycle, in the database so that syncctl workers and callers
+-- of the original system (claim_next_chunk_job, complete_chunk_job through
+-- PostgREST) share one implementation of every rule.
+--
+-- Lock order, everywhere: the parent job (sync_queue row) first, then its
+-- chunks. Keeping to it is what makes concurrent claims, completions, reaps
+-- and operator commands deadlock-free.
+
+-- Recompute a job's derived state after any change to its chunks: when its
+-- head chunk may be claimed, and the roll-up of its status. The caller holds
+-- the lock on the job.
+CREATE OR REPLACE FUNCTION syncctl_refresh_job(p_job_id uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_busy boolean;
+    v_head_status text;
+    v_head_not_before timestamptz;
+BEGIN
+    SELECT EXISTS (
+        SELECT 1 FROM chunked_sync_jobs
+         WHERE parent_sync_job_id = p_job_id AND status = 'processing'
+    ) INTO v_busy;
+
+    -- Sequential rule: only the lowest chunk still pending or processing may run.
+    SELECT status, not_before INTO v_head_status, v_head_not_before
+      FROM chunked_sync_jobs
+     WHERE parent_sync_job_id = p_job_id AND status IN ('pending', 'processing')
+     ORDER BY chunk_index
+     LIMIT 1;
+
+    IF NOT FOUND THEN
+        -- Every chunk is terminal: the job is done, in this same transaction.
+        UPDATE sync_queue q
+           SET status = CASE
+                   WHEN q.status = 'cancelled' THEN 'cancelled'
+                   WHEN EXISTS (SELECT 1 FROM chunked_sync_jobs c
+                                 WHERE c.parent_sync_job_id = q.id AND c.status = 'failed')
+                       THEN 'failed'
+                   ELSE 'completed' END,
+               claimable_at = NULL,
+               completed_at = coalesce(q.completed_at, now()),
+               updated_at = now()
+         WHERE q.id = p_job_id;
+        RETURN;
+    END IF;
+
+    UPDATE sync_queue q
+       SET claimable_at = CASE WHEN v_busy OR v_head_status <> 'pending' THEN NULL
+                               ELSE coalesce(v_head_not_before, now()) END,
+           status = CASE WHEN q.status = 'pending' AND NOT v_busy THEN 'pending'
+                         ELSE 'processing' END,
+           completed_at = NULL,
+           updated_at = now()
+     WHERE q.id = p_job_id;
+END $$;
+
+-- Claim the next chunk: the head of the highest-priority, oldest claimable
+-- job. Never waits on another worker.
+CREATE OR REPLACE FUNCTION syncctl_claim_chunk(p_worker_id text, p_lease interval)
+RETURNS SETOF chunked_sync_jobs
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_job_id uuid;
+    v_chunk chunked_sync_jobs;
+BEGIN
+    FOR i IN 1..10 LOOP
+        -- Lock the job, not the chunk: SKIP LOCKED on chunks would skip a
+        -- locked head to its next sibling and break the sequential rule.
+        SELECT id INTO v_job_id
+          FROM sync_queue
+         WHERE claimable_at <= now()
+         ORDER BY priority DESC NULLS LAST, created_at, id
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+
+        UPDATE chunked_sync_jobs c
+           SET status = 'processing',
+               worker_id = p_worker_id,
+               attempts = c.attempts + 1,
+               started_at = now(),
+               completed_at = NULL,
+               heartbeat_at = now(),
+               lease_expires_at = now() + p_lease,
+               updated_at = now()
+         WHERE c.id = (SELECT h.id FROM chunked_sync_jobs h
+                        WHERE h.parent_sync_job_id = v_job_id
+                          AND h.status IN ('pending', 'processing')
+                        ORDER BY h.chunk_index
+                        LIMIT 1)
+           AND c.status = 'pending'
+        RETURNING c.* INTO v_chunk;
+
+        IF FOUND THEN
+            UPDATE sync_queue
+               SET status = 'processing', claimable_at = NULL,
+                   started_at = coalesce(started_at, now()), updated_at = now()
+             WHERE id = v_job_id;
+            INSERT INTO chunk_attempts (chunk_id, attempt, worker_id)
+            VALUES (v_chunk.id, v_chunk.attempts, p_worker_id);
+            RETURN NEXT v_chunk;
+            RETURN;
+        END IF;
+
+        -- The job's claimable_at was stale (its chunks were changed by hand):
+        -- repair it and look again.
+        PERFORM syncctl_refresh_job(v_job_id);
+    END LOOP;
+END $$;
+
+-- End an attempt. p_outcome is one of:
+--   completed  the chunk is done;
+--   error      a transient failure: retry with backoff, or fail once
+--              max_attempts is reached;
+--   permanent  fail now (mailbox not found, credentials refused);
+--   released   handed back on shutdown: pending again, attempt not counted.
+-- Fenced: applies only while the chunk is processing under this worker and
+-- attempt (p_worker_id NULL skips the fence, for the seed's complete_chunk_job).
+-- Returns the chunk's new status, or NULL when this worker no longer holds it.
+CREATE OR REPLACE FUNCTION syncctl_finish_chunk(
+    p_chunk_id uuid,
+    p_worker_id text,
+    p_attempt integer,
+    p_outcome text,
+    p_error text DEFAULT NULL,
+    p_processing_time_ms integer DEFAULT NULL,
+    p_retry_base interval DEFAULT interval '5 seconds'
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_job_id uuid;
+    v_chunk chunked_sync_jobs;
+    v_status text;
+    v_attempt_outcome text;
+BEGIN
+    IF p_outcome NOT IN ('completed', 'error', 'permanent', 'released') THEN
+        RAISE EXCEPTION 'unknown outcome %', p_outcome USING ERRCODE = '22023';
+    END IF;
+
+    SELECT parent_sync_job_id INTO v_job_id FROM chunked_sync_jobs WHERE id = p_chunk_id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM 1 FROM sync_queue WHERE id = v_job_id FOR UPDATE;
+
+    SELECT * INTO v_chunk FROM chunked_sync_jobs
+     WHERE id = p_chunk_id
+       AND status = 'processing'
+       AND (p_worker_id IS NULL OR (worker_id = p_worker_id AND attempts = p_attempt))
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+
+    v_status := CASE
+        WHEN p_outcome = 'completed' THEN 'completed'
+        WHEN p_outcome = 'permanent' THEN 'failed'
+        WHEN p_outcome = 'released' THEN 'pending'
+        WHEN v_chunk.attempts >= v_chunk.max_attempts THEN 'failed'
+        ELSE 'pending' END;
+    v_attempt_outcome := CASE
+        WHEN p_outcome = 'completed' THEN 'completed'
+        WHEN p_outcome = 'released' THEN 'released'
+        WHEN v_status = 'failed' THEN 'failed'
+        ELSE 'retrying' END;
+
+    UPDATE chunked_sync_jobs
+       SET status = v_status,
+           attempts = CASE WHEN p_outcome = 'released' THEN attempts - 1 ELSE attempts END,
+           worker_id = CASE WHEN v_status = 'pending' THEN NULL ELSE worker_id END,
+           lease_expires_at = NULL,
+           completed_at = CASE WHEN v_status IN ('completed', 'failed') THEN now() END,
+           processing_time_ms = coalesce(p_processing_time_ms,
+               (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer),
+           last_error = CASE WHEN p_outcome = 'completed' THEN NULL
+                             WHEN p_outcome = 'released' THEN last_error
+                             ELSE p_error END,
+           -- Exponential backoff with jitter, capped at ten minutes.
+           not_before = CASE WHEN v_attempt_outcome = 'retrying'
+               THEN now() + least(interval '10 minutes',
+                                  p_retry_base * power(2, greatest(attempts - 1, 0)))
+                          * (0.5 + random() / 2)
+               END,
+           updated_at = now()
+     WHERE id = p_chunk_id;
+
+    UPDATE chunk_attempts
+       SET finished_at = clock_timestamp(),
+           outcome = v_attempt_outcome,
+           error = p_error,
+           duration_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer,
+           emails_synced = v_chunk.emails_synced
+     WHERE chunk_id = p_chunk_id AND attempt = v_chunk.attempts AND outcome = 'running';
+
+    PERFORM syncctl_refresh_job(v_job_id);
+    IF v_status = 'pending' OR v_status IN ('completed', 'failed') THEN
+        PERFORM pg_notify('syncctl_chunks', v_job_id::text);
+    END IF;
+    RETURN v_status;
+END $$;
+
+-- Expire lost leases: a chunk whose worker stopped heartbeating goes back to
+-- pending when attempts are left, else to failed with the reason. Also
+-- repairs jobs whose chunks were changed by hand-run SQL. Jobs locked by a
+-- worker right now are left for the next pass.
+CREATE OR REPLACE FUNCTION syncctl_reap(p_dry_run boolean DEFAULT false)
+RETURNS TABLE (chunk_id uuid, job_id uuid, chunk_index integer, worker_id text,
+               lease_expires_at timestamptz, new_status text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_job record;
+    v_chunk chunked_sync_jobs;
+BEGIN
+    IF p_dry_run THEN
+        RETURN QUERY
+        SELECT c.id, c.parent_sync_job_id, c.chunk_index, c.worker_id, c.lease_expires_at,
+               CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END
+          FROM chunked_sync_jobs c
+         WHERE c.status = 'processing' AND c.lease_expires_at < now()
+         ORDER BY c.lease_expires_at;
+        RETURN;
+    END IF;
+
+    FOR v_job IN
+        SELECT q.id FROM sync_queue q
+         WHERE q.id IN (SELECT c.parent_sync_job_id FROM chunked_sync_jobs c
+                         WHERE c.status = 'processing' AND c.lease_expires_at < now())
+         ORDER BY q.id
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        FOR v_chunk IN
+            SELECT * FROM chunked_sync_jobs c
+             WHERE c.parent_sync_job_id = v_job.id
+               AND c.status = 'processing' AND c.lease_expires_at < now()
+               FOR UPDATE
+        LOOP
+            UPDATE chunked_sync_jobs c
+               SET status = CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END,
+                   last_error = format('lease expired at %s: worker %s stopped heartbeating',
+                                       c.lease_expires_at, c.worker_id)
+                                || CASE WHEN c.attempts >= c.max_attempts
+                                        THEN format(' (attempt %s of %s, none left)',
+                                                    c.attempts, c.max_attempts)
+                                        ELSE '' END,
+                   worker_id = CASE WHEN c.attempts >= c.max_attempts THEN c.worker_id END,
+                   lease_expires_at = NULL,
+                   completed_at = CASE WHEN c.attempts >= c.max_attempts THEN now() END,
+                   not_before = NULL,
+                   updated_at = now()
+             WHERE c.id = v_chunk.id;
+            UPDATE chunk_attempts a
+               SET finished_at = now(), outcome = 'reaped', error = 'lease expired',
+                   duration_ms = (extract(epoch FROM now() - a.started_at) * 1000)::integer
+             WHERE a.chunk_id = v_chunk.id AND a.attempt = v_chunk.attempts
+               AND a.outcome = 'running';
+            chunk_id := v_chunk.id;
+            job_id := v_job.id;
+            chunk_index := v_chunk.chunk_index;
+            worker_id := v_chunk.worker_id;
+            lease_expires_at := v_chunk.lease_expires_at;
+            new_status := CASE WHEN v_chunk.attempts >= v_chunk.max_attempts
+                               THEN 'failed' ELSE 'pending' END;
+            RETURN NEXT;
+        END LOOP;
+        PERFORM syncctl_refresh_job(v_job.id);
+        PERFORM pg_notify('syncctl_chunks', v_job.id::text);
+    END LOOP;
+
+    -- Jobs left unclaimable by hand-run SQL (the runbook's reset): nothing is
+    -- processing, yet claimable_at is empty while chunks wait.
+    FOR v_job IN
+        SELECT q.id FROM sync_queue q
+         WHERE q.status IN ('pending', 'processing') AND q.claimable_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM chunked_sync_jobs c
+                            WHERE c.parent_sync_job_id = q.id AND c.status = 'processing')
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        PERFORM syncctl_refresh_job(v_job.id);
+        PERFORM pg_notify('syncctl_chunks', v_job.id::text);
+    END LOOP;
+END $$;
+
+-- How many messages a chunk holds when the operator does not say: about 50
+-- chunks a job, in whole Graph pages of 1000, between 1000 and 50000.
+CREATE OR REPLACE FUNCTION syncctl_chunk_size(p_email_count integer) RETURNS integer
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT least(50000, greatest(1000, ceil(p_email_count / 50.0 / 1000) * 1000))::integer
+$$;
+
+-- The seed's functions, with their names, parameter names and call shapes
+-- kept. Older deployments also had overloads that made PostgREST calls
+-- ambiguous; they go.
+DROP FUNCTION IF EXISTS create_sync_chunks(uuid, integer);
+DROP FUNCTION IF EXISTS create_sync_chunks(uuid, text, integer, timestamptz, timestamptz);
+DROP FUNCTION IF EXISTS create_sync_chunks(uuid, text, integer, text, text);
+DROP FUNCTION IF EXISTS claim_next_chunk_job(text);
+DROP FUNCTION IF EXISTS complete_chunk_job(uuid, text);
+DROP FUNCTION IF EXISTS complete_chunk_job(uuid, text, integer);
+
+-- Plan and insert the chunks of an existing parent job. The chunk size is
+-- the parent's metadata.chunk_size when set, else syncctl_chunk_size().
+CREATE FUNCTION create_sync_chunks(
+    p_parent_sync_job_id uuid,
+    p_sync_type text DEFAULT 'manual',
+    p_estimated_email_count integer DEFAULT NULL,
+    p_sync_from text DEFAULT NULL,
+    p_sync_to text DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_job sync_queue;
+    v_count integer;
+    v_size integer;
+    v_total integer;
+BEGIN
+    SELECT * INTO v_job FROM sync_queue WHERE id = p_parent_sync_job_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('success', false,
+                                  'error', 'parent sync job not found');
+    END IF;
+    IF EXISTS (SELECT 1 FROM chunked_sync_jobs WHERE parent_sync_job_id = v_job.id) THEN
+        RETURN jsonb_build_object('success', false,
+                                  'error', 'chunks already exist for this sync job');
+    END IF;
+
+    v_count := greatest(0, coalesce(p_estimated_email_count, v_job.estimated_emails, 100));
+    v_size := coalesce((v_job.metadata ->> 'chunk_size')::integer, syncctl_chunk_size(v_count));
+    v_total := ceil(v_count::numeric / v_size)::integer;
+
+    -- The window is frozen at creation: mail arriving later does not shift
+    -- the offsets of a running job.
+    UPDATE sync_queue
+       SET sync_type = coalesce(p_sync_type, sync_type),
+           sync_from = coalesce(p_sync_from::timestamptz, sync_from),
+           sync_to = coalesce(p_sync_to::timestamptz, sync_to, created_at, now()),
+           estimated_emails = v_count,
+           metadata = coalesce(metadata, '{}') || jsonb_build_object('chunk_size', v_size),
+           updated_at = now()
+     WHERE id = v_job.id;
+
+    INSERT INTO chunked_sync_jobs (parent_sync_job_id, business_id, store_id, chunk_index,
+                                   total_chunks, start_offset, end_offset, estimated_emails,
+                                   max_attempts)
+    SELECT v_job.id, v_job.business_id, v_job.store_id, i, v_total,
+           (i - 1) * v_size, least(i * v_size, v_count) - 1,
+           least(i * v_size, v_count) - (i - 1) * v_size,
+           v_job.max_attempts
+      FROM generate_series(1, v_total) AS i;
+
+    PERFORM syncctl_refresh_job(v_job.id);
+    PERFORM pg_notify('syncctl_chunks', v_job.id::text);
+    RETURN jsonb_build_object(
+        'success', true,
+        'parent_sync_job_id', v_job.id,
+        'total_chunks', v_total,
+        'chunk_size', v_size,
+        'estimated_email_count', v_count);
+END $$;
+
+-- For callers of the original system. They do not heartbeat, so the lease is
+-- long; a chunk they lose is still reaped.
+CREATE FUNCTION claim_next_chunk_job(p_worker_id text) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_chunk chunked_sync_jobs;
+BEGIN
+    SELECT * INTO v_chunk FROM syncctl_claim_chunk(p_worker_id, interval '10 minutes');
+    IF NOT FOUND THEN
+        RETURN jsonb_build_object('success', false, 'message', 'no chunk available');
+    END IF;
+    RETURN jsonb_build_object(
+        'success', true,
+        'chunk_id', v_chunk.id,
+        'parent_sync_job_id', v_chunk.parent_sync_job_id,
+        'chunk_index', v_chunk.chunk_index,
+        'total_chunks', v_chunk.total_chunks,
+        'start_offset', v_chunk.start_offset,
+        'end_offset', v_chunk.end_offset,
+        'store_id', v_chunk.store_id,
+        'attempt', v_chunk.attempts);
+END $$;
+
+CREATE FUNCTION complete_chunk_job(
+    p_chunk_job_id uuid,
+    p_status text DEFAULT 'completed',
+    p_processing_time_ms integer DEFAULT NULL
+) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+BEGIN
+    IF p_status NOT IN ('completed', 'failed') THEN
+        RETURN jsonb_build_object('success', false,
+                                  'error', 'p_status must be completed or failed');
+    END IF;
+    v_status := syncctl_finish_chunk(
+        p_chunk_job_id, NULL, NULL,
+        CASE WHEN p_status = 'completed' THEN 'completed' ELSE 'error' END,
+        CASE WHEN p_status = 'failed' THEN 'reported failed by complete_chunk_job' END,
+        p_processing_time_ms);
+    IF v_status IS NULL THEN
+        RETURN jsonb_build_object('success', false,
+                                  'error', 'chunk not found or not processing');
+    END IF;
+    RETURN jsonb_build_object('success', true, 'chunk_id', p_chunk_job_id,
+                              'status', v_status);
+END $$;

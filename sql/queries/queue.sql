@@ -1,0 +1,32 @@
+-- claim_chunk --
+-- Claim the head chunk of the highest-priority, oldest claimable job.
+SELECT * FROM syncctl_claim_chunk(%(worker_id)s, %(lease)s);
+
+-- heartbeat --
+-- Extend the lease of a chunk this worker still holds; no row when it lost it.
+UPDATE chunked_sync_jobs
+   SET heartbeat_at = now(), lease_expires_at = now() + %(lease)s
+ WHERE id = %(chunk_id)s AND status = 'processing'
+   AND worker_id = %(worker_id)s AND attempts = %(attempt)s
+RETURNING lease_expires_at;
+
+-- finish_chunk --
+-- End an attempt (completed, error, permanent or released); NULL when fenced out.
+SELECT syncctl_finish_chunk(%(chunk_id)s, %(worker_id)s, %(attempt)s, %(outcome)s,
+                            %(error)s, %(processing_time_ms)s, %(retry_base)s) AS status;
+
+-- reap --
+-- Expire lost leases; with dry_run, only list them.
+SELECT * FROM syncctl_reap(%(dry_run)s);
+
+-- queue_has_work --
+-- Whether any chunk is still pending or processing anywhere.
+SELECT EXISTS (SELECT 1 FROM chunked_sync_jobs
+                WHERE status IN ('pending', 'processing')) AS busy;
+
+-- job_of_chunk --
+SELECT parent_sync_job_id AS job_id FROM chunked_sync_jobs WHERE id = %(chunk_id)s;
+
+-- notify_chunks --
+-- Wake idle workers.
+SELECT pg_notify('syncctl_chunks', %(payload)s);

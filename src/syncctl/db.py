@@ -1,0 +1,96 @@
+"""Connections, named SQL queries, and turning database errors into ours.
+
+SQL lives in ``sql/queries/*.sql`` as named blocks::
+
+    -- claim_chunk --
+    -- One line saying what it does.
+    SELECT ...
+
+and is loaded once, by name: ``query("claim_chunk")``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+from typing import Any, LiteralString, cast
+
+import psycopg
+from psycopg.rows import dict_row
+
+from syncctl.config import DatabaseTarget, mask_url, scrub_secrets
+from syncctl.errors import DatabaseUnavailable
+
+Connection = psycopg.Connection[dict[str, Any]]
+
+_QUERY_HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
+
+
+def sql_dir() -> Traversable:
+    """The sql/ folder shipped inside the package."""
+    return files("syncctl") / "sql"
+
+
+@cache
+def _queries() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for path in sorted(sql_dir().joinpath("queries").iterdir(), key=lambda p: p.name):
+        if not path.name.endswith(".sql"):
+            continue
+        parts = _QUERY_HEADER.split(path.read_text(encoding="utf-8"))
+        # parts: [preamble, name1, body1, name2, body2, ...]
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"query {name} is defined twice in sql/queries")
+            found[name] = body.strip()
+    return found
+
+
+def query(name: str) -> LiteralString:
+    """The text of a named query from sql/queries."""
+    # The files are ours and shipped with the package; values are always parameters.
+    return cast(LiteralString, _queries()[name])
+
+
+def connect(target: DatabaseTarget, *, autocommit: bool = True) -> Connection:
+    """Open a connection, or raise DatabaseUnavailable with the password masked.
+
+    Connections autocommit: work that must be atomic runs inside
+    ``with conn.transaction():``, so a transaction never stays open by accident.
+    """
+    try:
+        conn = psycopg.connect(
+            target.url,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            connect_timeout=10,
+            application_name="syncctl",
+        )
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(
+            f"Could not connect to the database at {target.masked_url}: "
+            f"{_first_line(scrub_secrets(str(exc), target.url))}"
+        ) from None
+    return conn
+
+
+@contextmanager
+def connection(target: DatabaseTarget, *, autocommit: bool = True) -> Iterator[Connection]:
+    """A connection that is closed afterwards; a failure midway becomes DatabaseUnavailable."""
+    conn = connect(target, autocommit=autocommit)
+    try:
+        with conn:
+            yield conn
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"Lost the database at {mask_url(target.url)}: "
+            f"{_first_line(scrub_secrets(str(exc), target.url))}"
+        ) from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no reason given"

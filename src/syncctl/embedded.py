@@ -1,0 +1,38 @@
+"""The embedded PostgreSQL used when no database is configured.
+
+It lives under SYNCCTL_HOME, is started by the first command that needs it,
+and is left running so later commands reuse it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from syncctl.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def embedded_database_url(home: Path) -> str:
+    """Start (or find running) the embedded server under home; return its URL."""
+    try:
+        import pgserver
+    except ImportError:  # pragma: no cover - pgserver is a dependency
+        raise DatabaseUnavailable(
+            "No database is configured and the embedded one is not installed; "
+            "set SYNCCTL_DATABASE_URL or install syncctl with its dependencies."
+        ) from None
+    pgdata = home / "pgdata"
+    try:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: keep the server running after this process exits.
+        server = pgserver.get_server(pgdata, cleanup_mode=None)
+    except Exception as exc:
+        raise DatabaseUnavailable(
+            f"Could not start the embedded PostgreSQL in {pgdata} ({exc}); "
+            "set SYNCCTL_DATABASE_URL to use another database."
+        ) from None
+    url: str = server.get_uri()
+    log.debug("embedded PostgreSQL at %s", url)
+    return url

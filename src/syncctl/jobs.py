@@ -1,0 +1,186 @@
+"""Stores, and creating a sync job with its chunk plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg.errors
+from psycopg.types.json import Jsonb
+
+from syncctl.db import Connection, query
+from syncctl.errors import BadInput
+from syncctl.mailsource import MailSource, Window
+
+
+@dataclass(frozen=True)
+class Store:
+    id: UUID
+    name: str | None
+    email: str
+    business_id: UUID | None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    chunk_index: int
+    start_offset: int
+    end_offset: int
+    estimated_emails: int
+
+
+@dataclass(frozen=True)
+class CreatedJob:
+    job_id: UUID
+    store: Store
+    window: Window
+    estimated_emails: int
+    chunk_size: int
+    chunks: list[ChunkPlan]
+    cancelled_job_id: UUID | None
+
+
+def add_store(
+    conn: Connection, *, name: str, email: str, business_id: UUID | None = None
+) -> dict[str, Any]:
+    """Register a mailbox. An email already registered is refused."""
+    email = email.strip()
+    if "@" not in email or email.startswith("@") or email.endswith("@"):
+        raise BadInput(f"{email!r} is not a mailbox address; give it as user@example.com.")
+    if not name.strip():
+        raise BadInput("The store name is empty; give one with --name.")
+    with conn.transaction():
+        existing = conn.execute(query("stores_by_email"), {"email": email}).fetchall()
+        if existing:
+            raise BadInput(
+                f"A store with email {email} exists already (id {existing[0]['id']}); "
+                "use that one."
+            )
+        row = conn.execute(
+            query("add_store"), {"name": name.strip(), "email": email, "business_id": business_id}
+        ).fetchone()
+    assert row is not None
+    return row
+
+
+def list_stores(conn: Connection) -> list[dict[str, Any]]:
+    return conn.execute(query("list_stores")).fetchall()
+
+
+def find_store(conn: Connection, reference: str) -> Store:
+    """A store by its id or its email."""
+    reference = reference.strip()
+    if "@" in reference:
+        rows = conn.execute(query("stores_by_email"), {"email": reference}).fetchall()
+        if len(rows) > 1:
+            raise BadInput(
+                f"{len(rows)} stores have the email {reference}; name one by its id "
+                "(see `syncctl store list`)."
+            )
+    else:
+        try:
+            store_id = UUID(reference)
+        except ValueError:
+            raise BadInput(
+                f"{reference!r} is neither a store id (a UUID) nor an email; "
+                "see `syncctl store list`."
+            ) from None
+        rows = conn.execute(query("store_by_id"), {"id": store_id}).fetchall()
+    if not rows:
+        raise BadInput(f"No store {reference}; add it with `syncctl store add` first.")
+    return Store(**rows[0])
+
+
+def create_job(
+    conn: Connection,
+    source: MailSource,
+    *,
+    store_ref: str,
+    received_from: datetime | None = None,
+    received_to: datetime | None = None,
+    chunk_size: int | None = None,
+    sync_type: str = "manual",
+    priority: int = 1,
+    max_attempts: int = 3,
+    force: bool = False,
+) -> CreatedJob:
+    """Count the store's window and create the parent job and its chunks in one
+    transaction. A store with an active job is refused, unless force, which
+    cancels that job first."""
+    if chunk_size is not None and chunk_size < 1:
+        raise BadInput(f"--chunk-size must be at least 1, not {chunk_size}.")
+    if max_attempts < 1:
+        raise BadInput(f"--max-attempts must be at least 1, not {max_attempts}.")
+    # The window is frozen now, so mail arriving later does not shift offsets.
+    received_to = received_to or datetime.now(UTC)
+    if received_from is not None and received_from >= received_to:
+        raise BadInput(
+            f"--from ({received_from.isoformat()}) is not before --to "
+            f"({received_to.isoformat()}); swap them."
+        )
+    store = find_store(conn, store_ref)
+    _refuse_active_job(conn, store, force=force)
+    window = Window(received_from, received_to)
+    estimated = source.count(store.email, window)
+
+    from syncctl.operations import cancel_job  # operator commands build on jobs
+
+    with conn.transaction():
+        conn.execute(query("lock_store"), {"store_id": store.id})
+        active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
+        cancelled = None
+        if active is not None:
+            _refuse_active_job(conn, store, force=force)
+            cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
+            cancelled = active["id"]
+        metadata = {"chunk_size": chunk_size} if chunk_size else {}
+        try:
+            job = conn.execute(
+                query("insert_job"),
+                {
+                    "business_id": store.business_id,
+                    "store_id": store.id,
+                    "sync_type": sync_type,
+                    "priority": priority,
+                    "sync_from": received_from,
+                    "sync_to": received_to,
+                    "metadata": Jsonb(metadata),
+                    "max_attempts": max_attempts,
+                    "estimated_emails": estimated,
+                },
+            ).fetchone()
+        except psycopg.errors.UniqueViolation:
+            raise BadInput(
+                f"Store {store.email} got an active job while this one was being created; "
+                "run `syncctl status` and try again."
+            ) from None
+        assert job is not None
+        result = conn.execute(
+            query("create_chunks"),
+            {"job_id": job["id"], "sync_type": sync_type, "estimated_emails": estimated},
+        ).fetchone()
+        assert result is not None and result["result"]["success"], result
+        chunks = conn.execute(query("chunks_of_job"), {"job_id": job["id"]}).fetchall()
+    return CreatedJob(
+        job_id=job["id"],
+        store=store,
+        window=window,
+        estimated_emails=estimated,
+        chunk_size=result["result"]["chunk_size"],
+        chunks=[
+            ChunkPlan(c["chunk_index"], c["start_offset"], c["end_offset"], c["estimated_emails"])
+            for c in chunks
+        ],
+        cancelled_job_id=cancelled,
+    )
+
+
+def _refuse_active_job(conn: Connection, store: Store, *, force: bool) -> None:
+    active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
+    if active is not None and not force:
+        raise BadInput(
+            f"Store {store.email} already has a {active['status']} job ({active['id']}); "
+            "wait for it, cancel it with `syncctl cancel`, or pass --force to replace it."
+        )

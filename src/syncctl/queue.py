@@ -1,0 +1,117 @@
+"""The chunk lifecycle: claim, heartbeat, finish, reap.
+
+The rules themselves (sequential order within a job, priority and age across
+jobs, fencing, backoff, roll-up) live in the database functions of
+sql/migrations/0002_queue_functions.sql, so syncctl workers and callers of
+the original system's functions obey the same ones. These functions take the
+connection first and never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID
+
+from syncctl.db import Connection, query
+
+Outcome = Literal["completed", "error", "permanent", "released"]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A claimed chunk, with what the worker needs to run it."""
+
+    id: UUID
+    parent_sync_job_id: UUID
+    store_id: UUID
+    chunk_index: int
+    total_chunks: int
+    start_offset: int
+    end_offset: int
+    estimated_emails: int
+    attempts: int
+    max_attempts: int
+    worker_id: str
+    lease_expires_at: datetime
+    emails_synced: int
+    checkpoint: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Chunk:
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+    @property
+    def is_last(self) -> bool:
+        return self.chunk_index == self.total_chunks
+
+    def __str__(self) -> str:
+        return f"job {self.parent_sync_job_id} chunk {self.chunk_index}/{self.total_chunks}"
+
+
+@dataclass(frozen=True)
+class ReapedChunk:
+    chunk_id: UUID
+    job_id: UUID
+    chunk_index: int
+    worker_id: str | None
+    lease_expires_at: datetime
+    new_status: str
+
+
+def claim_chunk(conn: Connection, *, worker_id: str, lease: timedelta) -> Chunk | None:
+    """Claim the next chunk for worker_id, or None when nothing is claimable."""
+    row = conn.execute(query("claim_chunk"), {"worker_id": worker_id, "lease": lease}).fetchone()
+    return Chunk.from_row(row) if row and row["id"] is not None else None
+
+
+def heartbeat(conn: Connection, chunk: Chunk, *, lease: timedelta) -> datetime | None:
+    """Extend the lease; None when the chunk no longer belongs to this attempt."""
+    row = conn.execute(
+        query("heartbeat"),
+        {
+            "chunk_id": chunk.id,
+            "worker_id": chunk.worker_id,
+            "attempt": chunk.attempts,
+            "lease": lease,
+        },
+    ).fetchone()
+    return row["lease_expires_at"] if row else None
+
+
+def finish_chunk(
+    conn: Connection,
+    chunk: Chunk,
+    outcome: Outcome,
+    *,
+    error: str | None = None,
+    processing_time_ms: int | None = None,
+    retry_base: timedelta = timedelta(seconds=5),
+) -> str | None:
+    """End this attempt; return the chunk's new status, or None if fenced out."""
+    row = conn.execute(
+        query("finish_chunk"),
+        {
+            "chunk_id": chunk.id,
+            "worker_id": chunk.worker_id,
+            "attempt": chunk.attempts,
+            "outcome": outcome,
+            "error": error,
+            "processing_time_ms": processing_time_ms,
+            "retry_base": retry_base,
+        },
+    ).fetchone()
+    return row["status"] if row else None
+
+
+def reap(conn: Connection, *, dry_run: bool = False) -> list[ReapedChunk]:
+    """Expire lost leases (or, with dry_run, list those that would be)."""
+    rows = conn.execute(query("reap"), {"dry_run": dry_run}).fetchall()
+    return [ReapedChunk(**row) for row in rows]
+
+
+def queue_has_work(conn: Connection) -> bool:
+    """Whether any chunk anywhere is still pending or processing."""
+    row = conn.execute(query("queue_has_work")).fetchone()
+    return bool(row and row["busy"])
