@@ -202,12 +202,18 @@ BEGIN
 END $$;
 
 -- Expire lost leases: a chunk whose worker stopped heartbeating goes back to
--- pending when attempts are left, else to failed with the reason. Also
--- repairs jobs whose chunks were changed by hand-run SQL. Jobs locked by a
--- worker right now are left for the next pass.
-CREATE OR REPLACE FUNCTION syncctl_reap(p_dry_run boolean DEFAULT false)
+-- pending when attempts are left, else to failed with the reason. With
+-- p_started_before, chunks processing since before then are taken back too
+-- (`syncctl reset-stuck`), whatever their lease says. Also repairs jobs whose
+-- chunks were changed by hand-run SQL. Jobs locked by a worker right now are
+-- left for the next pass.
+CREATE OR REPLACE FUNCTION syncctl_reap(
+    p_dry_run boolean DEFAULT false,
+    p_started_before timestamptz DEFAULT NULL,
+    p_reason text DEFAULT NULL
+)
 RETURNS TABLE (chunk_id uuid, job_id uuid, chunk_index integer, worker_id text,
-               lease_expires_at timestamptz, new_status text)
+               started_at timestamptz, lease_expires_at timestamptz, new_status text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -216,31 +222,36 @@ DECLARE
 BEGIN
     IF p_dry_run THEN
         RETURN QUERY
-        SELECT c.id, c.parent_sync_job_id, c.chunk_index, c.worker_id, c.lease_expires_at,
+        SELECT c.id, c.parent_sync_job_id, c.chunk_index, c.worker_id, c.started_at,
+               c.lease_expires_at,
                CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END
           FROM chunked_sync_jobs c
-         WHERE c.status = 'processing' AND c.lease_expires_at < now()
-         ORDER BY c.lease_expires_at;
+         WHERE c.status = 'processing'
+           AND (c.lease_expires_at < now() OR c.started_at < p_started_before)
+         ORDER BY c.started_at;
         RETURN;
     END IF;
 
     FOR v_job IN
         SELECT q.id FROM sync_queue q
          WHERE q.id IN (SELECT c.parent_sync_job_id FROM chunked_sync_jobs c
-                         WHERE c.status = 'processing' AND c.lease_expires_at < now())
+                         WHERE c.status = 'processing'
+                           AND (c.lease_expires_at < now() OR c.started_at < p_started_before))
          ORDER BY q.id
            FOR UPDATE SKIP LOCKED
     LOOP
         FOR v_chunk IN
             SELECT * FROM chunked_sync_jobs c
              WHERE c.parent_sync_job_id = v_job.id
-               AND c.status = 'processing' AND c.lease_expires_at < now()
+               AND c.status = 'processing'
+               AND (c.lease_expires_at < now() OR c.started_at < p_started_before)
                FOR UPDATE
         LOOP
             UPDATE chunked_sync_jobs c
                SET status = CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END,
-                   last_error = format('lease expired at %s: worker %s stopped heartbeating',
-                                       c.lease_expires_at, c.worker_id)
+                   last_error = coalesce(p_reason,
+                                         format('lease expired at %s: worker %s stopped heartbeating',
+                                                c.lease_expires_at, c.worker_id))
                                 || CASE WHEN c.attempts >= c.max_attempts
                                         THEN format(' (attempt %s of %s, none left)',
                                                     c.attempts, c.max_attempts)
@@ -252,7 +263,8 @@ BEGIN
                    updated_at = now()
              WHERE c.id = v_chunk.id;
             UPDATE chunk_attempts a
-               SET finished_at = now(), outcome = 'reaped', error = 'lease expired',
+               SET finished_at = now(), outcome = 'reaped',
+                   error = coalesce(p_reason, 'lease expired'),
                    duration_ms = (extract(epoch FROM now() - a.started_at) * 1000)::integer
              WHERE a.chunk_id = v_chunk.id AND a.attempt = v_chunk.attempts
                AND a.outcome = 'running';
@@ -260,6 +272,7 @@ BEGIN
             job_id := v_job.id;
             chunk_index := v_chunk.chunk_index;
             worker_id := v_chunk.worker_id;
+            started_at := v_chunk.started_at;
             lease_expires_at := v_chunk.lease_expires_at;
             new_status := CASE WHEN v_chunk.attempts >= v_chunk.max_attempts
                                THEN 'failed' ELSE 'pending' END;

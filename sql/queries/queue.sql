@@ -16,8 +16,8 @@ SELECT syncctl_finish_chunk(%(chunk_id)s, %(worker_id)s, %(attempt)s, %(outcome)
                             %(error)s, %(processing_time_ms)s, %(retry_base)s) AS status;
 
 -- reap --
--- Expire lost leases; with dry_run, only list them.
-SELECT * FROM syncctl_reap(%(dry_run)s);
+-- Expire lost leases (and, with started_before, chunks processing since then); dry_run lists only.
+SELECT * FROM syncctl_reap(%(dry_run)s, %(started_before)s, %(reason)s);
 
 -- queue_has_work --
 -- Whether any chunk is still pending or processing anywhere.

@@ -56,7 +56,8 @@ class ReapedChunk:
     job_id: UUID
     chunk_index: int
     worker_id: str | None
-    lease_expires_at: datetime
+    started_at: datetime | None
+    lease_expires_at: datetime | None
     new_status: str
 
 
@@ -105,9 +106,18 @@ def finish_chunk(
     return row["status"] if row else None
 
 
-def reap(conn: Connection, *, dry_run: bool = False) -> list[ReapedChunk]:
-    """Expire lost leases (or, with dry_run, list those that would be)."""
-    rows = conn.execute(query("reap"), {"dry_run": dry_run}).fetchall()
+def reap(
+    conn: Connection,
+    *,
+    dry_run: bool = False,
+    started_before: datetime | None = None,
+    reason: str | None = None,
+) -> list[ReapedChunk]:
+    """Expire lost leases, and with started_before also take back chunks
+    processing since before then (reset-stuck); dry_run only lists them."""
+    rows = conn.execute(
+        query("reap"), {"dry_run": dry_run, "started_before": started_before, "reason": reason}
+    ).fetchall()
     return [ReapedChunk(**row) for row in rows]
 
 
