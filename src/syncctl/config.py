@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import platformdirs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -65,13 +65,9 @@ def _checked(url: str, where: str) -> str:
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, for showing to a person."""
     if "://" in url:
-        parts = urlsplit(url)
-        if parts.password is not None:
-            userinfo, _, hostinfo = parts.netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            parts = parts._replace(netloc=f"{user}:***@{hostinfo}")
-        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-        return urlunsplit(parts._replace(query=query))
+        # Edit the text rather than re-assemble it, so the URL keeps its exact form.
+        url = re.sub(r"^([a-z]+://[^:/@?]*):[^@/?]*@", r"\1:***@", url)
+        return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
     try:
         params = conninfo_to_dict(url)
     except Exception:

@@ -1,0 +1,31 @@
+"""Sessions: tests and lint run against the installed package, never the source tree."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.default_venv_backend = "venv"
+
+
+@nox.session(python=False)
+def dev(session: nox.Session) -> None:
+    """Nothing to run: how to get a development environment."""
+    session.log("python3 -m venv .venv && .venv/bin/pip install -e '.[test,lint]'")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite against real PostgreSQL (local server, else embedded)."""
+    # A regular (not editable) install, so a file missing from the package fails here.
+    session.install(".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy --strict, with the settings in pyproject.toml."""
+    session.install(".[test,lint]")
+    session.run("ruff", "check", "src", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
+    session.run("mypy")
