@@ -7,10 +7,31 @@ claimability and status stay right.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
+
+import psycopg.errors
 
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
+from syncctl.queue import ReapedChunk, reap
+
+FINISHED = ("completed", "failed", "cancelled")
+RETRYABLE = ("failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class RetriedJob:
+    job_id: UUID
+    chunk_indexes: list[int]
+    status: str  # the job's status afterwards
+
+
+def unknown_job(job_id: UUID) -> BadInput:
+    return BadInput(f"No job {job_id}; see `syncctl status` for job ids.")
 
 
 def cancel_job(conn: Connection, job_id: UUID, *, reason: str | None = None) -> int:
@@ -18,8 +39,8 @@ def cancel_job(conn: Connection, job_id: UUID, *, reason: str | None = None) -> 
     with conn.transaction():
         job = conn.execute(query("lock_job"), {"job_id": job_id}).fetchone()
         if job is None:
-            raise BadInput(f"No job {job_id}; see `syncctl status` for job ids.")
-        if job["status"] in ("completed", "failed", "cancelled"):
+            raise unknown_job(job_id)
+        if job["status"] in FINISHED:
             raise BadInput(f"Job {job_id} is already {job['status']}; nothing to cancel.")
         chunks = conn.execute(
             query("cancel_chunks"), {"job_id": job_id, "reason": reason}
@@ -30,3 +51,110 @@ def cancel_job(conn: Connection, job_id: UUID, *, reason: str | None = None) -> 
         )
         conn.execute(query("mark_job_cancelled"), {"job_id": job_id, "reason": reason})
     return len(chunks)
+
+
+def retry_job(conn: Connection, job_id: UUID, *, chunk_index: int | None = None) -> RetriedJob:
+    """Requeue a job's failed and cancelled chunks (or only chunk_index) with fresh
+    attempts, and reopen the job. Refused while the store has another active job."""
+    with conn.transaction():
+        job = conn.execute(query("lock_job"), {"job_id": job_id}).fetchone()
+        if job is None:
+            raise unknown_job(job_id)
+        if chunk_index is not None:
+            _check_retryable_chunk(conn, job_id, chunk_index)
+        other = conn.execute(
+            query("other_active_job_of_store"), {"store_id": job["store_id"], "job_id": job_id}
+        ).fetchone()
+        if other is not None:
+            raise _store_busy(job_id, other)
+        requeued = conn.execute(
+            query("requeue_chunks"), {"job_id": job_id, "chunk_index": chunk_index}
+        ).fetchall()
+        if not requeued:
+            raise BadInput(
+                f"Job {job_id} ({job['status']}) has no failed or cancelled chunk to retry."
+            )
+        try:
+            conn.execute(query("reopen_job"), {"job_id": job_id})
+        except psycopg.errors.UniqueViolation:
+            raise BadInput(
+                f"Another job of this store became active while job {job_id} was being "
+                "retried; run `syncctl status` and try again."
+            ) from None
+        conn.execute(query("refresh_retried_job"), {"job_id": job_id})
+        conn.execute(query("notify_chunks"), {"payload": str(job_id)})
+        status = conn.execute(query("job_status"), {"job_id": job_id}).fetchone()
+    assert status is not None
+    return RetriedJob(job_id, sorted(r["chunk_index"] for r in requeued), status["status"])
+
+
+def _check_retryable_chunk(conn: Connection, job_id: UUID, chunk_index: int) -> None:
+    chunk = conn.execute(
+        query("chunk_of_job"), {"job_id": job_id, "chunk_index": chunk_index}
+    ).fetchone()
+    if chunk is None:
+        raise BadInput(
+            f"Job {job_id} has no chunk {chunk_index}; see `syncctl status {job_id}` "
+            "for its chunks."
+        )
+    if chunk["status"] not in RETRYABLE:
+        raise BadInput(
+            f"Chunk {chunk_index} of job {job_id} is {chunk['status']}; only failed or "
+            "cancelled chunks can be retried."
+        )
+
+
+def _store_busy(job_id: UUID, other: dict[str, Any]) -> BadInput:
+    return BadInput(
+        f"The store of job {job_id} already has a {other['status']} job ({other['id']}); "
+        "wait for it or cancel it with `syncctl cancel` before retrying this one."
+    )
+
+
+def stuck_cutoff(conn: Connection, older_than: timedelta) -> datetime:
+    """now() - older_than by the database's clock, which every host shares."""
+    row = conn.execute(query("stuck_cutoff"), {"older_than": older_than}).fetchone()
+    assert row is not None
+    cutoff: datetime = row["cutoff"]
+    return cutoff
+
+
+def reset_stuck(
+    conn: Connection, *, started_before: datetime, dry_run: bool = False
+) -> list[ReapedChunk]:
+    """Put back chunks processing since before started_before, and those whose lease
+    expired: pending when attempts are left, else failed. The old worker is fenced out."""
+    return reap(
+        conn,
+        dry_run=dry_run,
+        started_before=started_before,
+        reason=(
+            "reset by operator after processing since before "
+            f"{started_before.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+        ),
+    )
+
+
+def cleanup(
+    conn: Connection,
+    *,
+    older_than: timedelta,
+    dry_run: bool = False,
+    only: Collection[UUID] | None = None,
+) -> list[dict[str, Any]]:
+    """Delete finished jobs (completed, failed, cancelled) created more than older_than
+    ago, with their chunks and attempts; emails stay. only: delete no job outside it
+    (the ones an operator confirmed). Returns the jobs deleted, or that would be."""
+    with conn.transaction():
+        jobs = conn.execute(query("finished_jobs_before"), {"older_than": older_than}).fetchall()
+        if only is not None:
+            jobs = [job for job in jobs if job["job_id"] in only]
+        if dry_run or not jobs:
+            return jobs
+        deleted = {
+            row["id"]
+            for row in conn.execute(
+                query("delete_finished_jobs"), {"job_ids": [job["job_id"] for job in jobs]}
+            )
+        }
+    return [job for job in jobs if job["job_id"] in deleted]

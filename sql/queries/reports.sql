@@ -1,0 +1,97 @@
+-- report_jobs --
+-- Jobs with their chunk progress: the one named, else the active ones and the most recent others.
+WITH shown AS (
+    SELECT id FROM sync_queue
+     WHERE %(job_id)s::uuid IS NULL AND status IN ('pending', 'processing')
+    UNION
+    (SELECT id FROM sync_queue
+      WHERE %(job_id)s::uuid IS NULL
+      ORDER BY created_at DESC
+      LIMIT %(recent)s)
+    UNION
+    SELECT id FROM sync_queue WHERE id = %(job_id)s::uuid
+)
+SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q.priority,
+       p.chunks_done, p.chunks_failed, p.total_chunks, p.emails_synced, q.estimated_emails,
+       q.created_at, q.started_at, q.completed_at, q.last_error
+  FROM shown
+  JOIN sync_queue q ON q.id = shown.id
+  LEFT JOIN stores s ON s.id = q.store_id
+ CROSS JOIN LATERAL (
+       SELECT count(*) FILTER (WHERE c.status = 'completed') AS chunks_done,
+              count(*) FILTER (WHERE c.status = 'failed') AS chunks_failed,
+              count(*) AS total_chunks,
+              coalesce(sum(c.emails_synced), 0) AS emails_synced
+         FROM chunked_sync_jobs c
+        WHERE c.parent_sync_job_id = q.id) AS p
+ ORDER BY q.status IN ('pending', 'processing') DESC, q.created_at DESC, q.id;
+
+-- report_job --
+-- One job with its store and window.
+SELECT q.id AS job_id, q.store_id, s.name AS store_name, s.email AS store_email, q.sync_type,
+       q.status, q.priority, q.sync_from, q.sync_to, q.estimated_emails,
+       (q.metadata ->> 'chunk_size')::integer AS chunk_size, q.max_attempts, q.created_at,
+       q.started_at, q.completed_at, q.last_error
+  FROM sync_queue q
+  LEFT JOIN stores s ON s.id = q.store_id
+ WHERE q.id = %(job_id)s;
+
+-- report_job_chunks --
+-- Every chunk of a job, in order.
+SELECT id AS chunk_id, chunk_index, total_chunks, status, start_offset, end_offset,
+       estimated_emails, emails_synced, attempts, max_attempts, worker_id, started_at,
+       completed_at, lease_expires_at, not_before, processing_time_ms, last_error
+  FROM chunked_sync_jobs
+ WHERE parent_sync_job_id = %(job_id)s
+ ORDER BY chunk_index;
+
+-- report_job_attempts --
+-- Every attempt of every chunk of a job: who ran it, when, and how it ended.
+SELECT a.chunk_id, c.chunk_index, a.attempt, a.worker_id, a.started_at, a.finished_at,
+       a.outcome, a.error, a.duration_ms, a.emails_synced
+  FROM chunk_attempts a
+  JOIN chunked_sync_jobs c ON c.id = a.chunk_id
+ WHERE c.parent_sync_job_id = %(job_id)s
+ ORDER BY c.chunk_index, a.id;
+
+-- report_stuck_chunks --
+-- The runbook's "Check Stuck Chunks": processing since before now - older_than, or past the lease.
+SELECT c.id AS chunk_id, c.parent_sync_job_id AS job_id, s.email AS store_email,
+       c.chunk_index, c.total_chunks, c.attempts, c.max_attempts, c.worker_id, c.started_at,
+       c.heartbeat_at, c.lease_expires_at,
+       CASE WHEN c.lease_expires_at < now() THEN 'lease expired'
+            ELSE 'processing too long' END AS reason
+  FROM chunked_sync_jobs c
+  LEFT JOIN stores s ON s.id = c.store_id
+ WHERE c.status = 'processing'
+   AND (c.started_at < now() - %(older_than)s OR c.lease_expires_at < now())
+ ORDER BY c.started_at, c.id;
+
+-- report_chunk_success_rate --
+-- The runbook's "Monitor Chunk Success Rate": chunks created since now - since, by status.
+SELECT status,
+       count(*) AS count,
+       round(count(*) * 100.0 / sum(count(*)) OVER (), 2) AS percentage
+  FROM chunked_sync_jobs
+ WHERE created_at > now() - %(since)s
+ GROUP BY status
+ ORDER BY count(*) DESC, status;
+
+-- report_problem_stores --
+-- The runbook's "Identify Problem Stores": stores with failed chunks created since now - since.
+SELECT s.id AS store_id, s.name, s.email,
+       count(CASE WHEN csj.status = 'failed' THEN 1 END) AS failed_chunks,
+       count(*) AS total_chunks,
+       (array_agg(csj.last_error ORDER BY csj.completed_at DESC NULLS LAST)
+            FILTER (WHERE csj.status = 'failed'))[1] AS last_error
+  FROM stores s
+  JOIN chunked_sync_jobs csj ON s.id = csj.store_id
+ WHERE csj.created_at > now() - %(since)s
+ GROUP BY s.id, s.name, s.email
+HAVING count(CASE WHEN csj.status = 'failed' THEN 1 END) > 0
+ ORDER BY failed_chunks DESC, s.email;
+
+-- report_database --
+-- Which database this is, for `syncctl db status`.
+SELECT current_database() AS database, current_user AS user_name,
+       current_setting('server_version') AS server_version;

@@ -1,0 +1,967 @@
+"""The syncctl command line.
+
+Each command parses its flags, calls one service function and renders the
+result: data on stdout (a table, or one JSON document with --json), messages
+on stderr. Every error becomes one sentence and an exit code in one place,
+_exit_code_for, which the root group's invoke calls; so the installed
+`syncctl` and an in-process CliRunner behave the same.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any
+from uuid import UUID
+
+import psycopg
+import psycopg.errors
+import typer
+from typer.core import TyperGroup
+
+from syncctl import __version__, jobs, operations, output, queue, reports
+from syncctl.config import DatabaseTarget, resolve_database, scrub_secrets
+from syncctl.db import Connection, connection
+from syncctl.durations import format_duration, parse_date, parse_duration
+from syncctl.errors import (
+    BadInput,
+    CheckFailed,
+    DatabaseUnavailable,
+    MailSourceUnavailable,
+    SyncctlError,
+)
+from syncctl.mailsource import MailSource, MailSourceError, Page, Window
+from syncctl.migrate import migrate as apply_migrations
+
+log = logging.getLogger(__name__)
+
+_VERBOSE = "syncctl.verbose"
+_MIN_LEASE = timedelta(seconds=5)
+_RECENT_JOBS = 20
+_WATCH_INTERVAL = 1.0
+# The URL of the database this invocation uses, so an error quoting it can be scrubbed.
+_database_url: ContextVar[str | None] = ContextVar("syncctl_database_url", default=None)
+
+
+class _SyncctlGroup(TyperGroup):
+    """The root group: where every error of every command becomes an exit code."""
+
+    # ctx is typed Any: the Context class of typer's bundled click is private.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            # Usage errors, Exit and Abort are the framework's own to report.
+            if type(exc).__module__.startswith(("typer", "click")) or isinstance(
+                exc, BrokenPipeError
+            ):
+                raise
+            raise typer.Exit(_exit_code_for(exc, verbose=bool(ctx.meta.get(_VERBOSE)))) from None
+
+
+def _exit_code_for(exc: Exception, *, verbose: bool) -> int:
+    """Say what went wrong in one sentence on stderr; return the exit code."""
+    url = _database_url.get()
+
+    def scrub(text: str) -> str:
+        return scrub_secrets(text, url) if url else text
+
+    if isinstance(exc, SyncctlError):
+        _error(scrub(exc.message))
+        return exc.exit_code
+    if isinstance(exc, MailSourceError):
+        _error(f"The mail service failed: {scrub(_first_line(str(exc)))}")
+        return MailSourceUnavailable.exit_code
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction):
+        _error(
+            f"The database has no syncctl schema ({scrub(_first_line(str(exc)))}); "
+            "run `syncctl db migrate` first."
+        )
+        return DatabaseUnavailable.exit_code
+    if isinstance(exc, psycopg.Error):
+        _error(f"The database refused the request: {scrub(_first_line(str(exc)))}")
+        return DatabaseUnavailable.exit_code
+    if verbose:
+        sys.stderr.write(scrub("".join(traceback.format_exception(exc))))
+    _error(
+        f"internal error: {type(exc).__name__}: {scrub(_first_line(str(exc)))}"
+        + ("" if verbose else " (run with -v for the traceback)")
+    )
+    return 1
+
+
+def _error(text: str) -> None:
+    # One line whatever the message holds: database drivers end theirs with newlines.
+    output.message("syncctl: " + " ".join(text.split()))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no reason given"
+
+
+app = typer.Typer(
+    name="syncctl",
+    cls=_SyncctlGroup,
+    help="Run and repair chunked mailbox synchronisation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+db_app = typer.Typer(help="The database: apply migrations, show which one is in use.")
+store_app = typer.Typer(help="The mailboxes syncctl syncs.")
+app.add_typer(db_app, name="db")
+app.add_typer(store_app, name="store")
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"syncctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Debug logging; tracebacks for internal errors.")
+    ] = False,
+    log_format: Annotated[
+        LogFormat, typer.Option("--log-format", help="Log lines on stderr as text or JSON.")
+    ] = LogFormat.text,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Show the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Run and repair chunked mailbox synchronisation."""
+    ctx.meta[_VERBOSE] = verbose
+    _database_url.set(None)
+    _configure_logging(verbose=verbose, log_format=log_format)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to sys.stderr as it is when a record arrives (tests replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+class _JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def _configure_logging(*, verbose: bool, log_format: LogFormat) -> None:
+    handler = _StderrHandler()
+    handler.setFormatter(
+        _JsonLogFormatter()
+        if log_format is LogFormat.json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    # Replace only our own handler: one per process, whatever else is attached.
+    for previous in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    logging.getLogger("syncctl").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+# Options shared by many commands.
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        help="PostgreSQL URL. Default: SYNCCTL_DATABASE_URL, then DATABASE_URL, "
+        "else an embedded database under SYNCCTL_HOME.",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
+JobArgument = Annotated[str, typer.Argument(help="The job's id (see `syncctl status`).")]
+
+
+def _target(database_url: str | None) -> DatabaseTarget:
+    target = resolve_database(database_url)
+    _database_url.set(target.url)
+    log.debug("database %s (from %s)", target.masked_url, target.source)
+    return target
+
+
+@contextmanager
+def _connect(database_url: str | None) -> Iterator[Connection]:
+    with connection(_target(database_url)) as conn:
+        yield conn
+
+
+def _mail_source(target: DatabaseTarget) -> MailSource:
+    """The mail service for counting and syncing (Microsoft Graph)."""
+    # Imported here so only commands that talk to Graph load the client.
+    from syncctl.graph import open_mail_source  # noqa: PLC0415
+
+    return open_mail_source(target)
+
+
+def _close(source: MailSource) -> None:
+    # The protocol has no close(); the Graph client has one (its HTTP connections).
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()
+
+
+class _MailSourceOnDemand:
+    """Opens the mail source at first use, so bad input is refused before credentials are needed."""
+
+    def __init__(self, target: DatabaseTarget) -> None:
+        self._target = target
+        self._source: MailSource | None = None
+
+    def _opened(self) -> MailSource:
+        if self._source is None:
+            self._source = _mail_source(self._target)
+        return self._source
+
+    def close(self) -> None:
+        if self._source is not None:
+            _close(self._source)
+
+    def count(self, mailbox: str, window: Window) -> int:
+        return self._opened().count(mailbox, window)
+
+    def fetch_page(
+        self,
+        mailbox: str,
+        window: Window,
+        *,
+        skip: int,
+        top: int,
+        next_link: str | None = None,
+    ) -> Page:
+        return self._opened().fetch_page(mailbox, window, skip=skip, top=top, next_link=next_link)
+
+
+def _job_id(text: str) -> UUID:
+    try:
+        return UUID(text.strip())
+    except ValueError:
+        raise BadInput(
+            f"{text!r} is not a job id; job ids are UUIDs, listed by `syncctl status`."
+        ) from None
+
+
+def _confirm(question: str, *, flag_hint: str) -> bool:
+    """Ask before changing anything; with nobody to answer, refuse (nothing changed)."""
+    refusal = BadInput(f"Nothing changed: no answer to {question!r}; {flag_hint}.")
+    if sys.stdin is None or sys.stdin.closed:
+        raise refusal
+    try:
+        return typer.confirm(question, default=False, err=True)
+    except typer.Abort:
+        raise refusal from None
+
+
+# db
+
+
+@db_app.command("migrate")
+def db_migrate(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
+    """Create or upgrade syncctl's tables and functions (safe to run on every deploy)."""
+    with _connect(database_url) as conn:
+        applied = apply_migrations(conn)
+    if as_json:
+        output.emit_json({"applied": applied})
+    elif applied:
+        for name in applied:
+            typer.echo(name)
+        output.message(f"Applied {len(applied)} migration(s).")
+    else:
+        output.message("The database is up to date.")
+
+
+@db_app.command("status")
+def db_status(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
+    """Show which database is in use (password masked) and its migrations."""
+    target = _target(database_url)
+    with connection(target) as conn:
+        status = reports.database_status(conn, target)
+    if as_json:
+        output.emit_json(status)
+        return
+    output.details(
+        {
+            "database": status.database,
+            "url": status.url,
+            "chosen by": status.source,
+            "user": status.user,
+            "server": f"PostgreSQL {status.server_version}",
+            "pending": ", ".join(status.pending) or "none (up to date)",
+        }
+    )
+    if not status.applied:
+        output.message("No migration applied yet; `syncctl db migrate` applies them.")
+        return
+    output.table(
+        [{"name": m.name, "applied_at": m.applied_at} for m in status.applied],
+        {"name": "migration", "applied_at": "applied"},
+    )
+
+
+# store
+
+
+@store_app.command("add")
+def store_add(
+    name: Annotated[str, typer.Option("--name", help="A name for people to read.")],
+    email: Annotated[
+        str, typer.Option("--email", help="The mailbox: its Graph user id or address.")
+    ],
+    business: Annotated[
+        str | None, typer.Option("--business", help="The business id (a UUID) it belongs to.")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Register a mailbox to sync."""
+    business_id = None
+    if business is not None:
+        try:
+            business_id = UUID(business.strip())
+        except ValueError:
+            raise BadInput(f"--business takes a UUID, not {business!r}.") from None
+    with _connect(database_url) as conn:
+        store = jobs.add_store(conn, name=name, email=email, business_id=business_id)
+    if as_json:
+        output.emit_json(store)
+    else:
+        output.details(store)
+
+
+@store_app.command("list")
+def store_list(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
+    """List the registered mailboxes and their active job."""
+    with _connect(database_url) as conn:
+        stores = jobs.list_stores(conn)
+    if as_json:
+        output.emit_json({"stores": stores})
+        return
+    if not stores:
+        output.message("No stores yet; add one with `syncctl store add`.")
+        return
+    output.table(
+        stores,
+        {
+            "id": "id",
+            "name": "name",
+            "email": "email",
+            "business_id": "business",
+            "active_job_id": "active job",
+        },
+    )
+
+
+# jobs
+
+
+@app.command()
+def create(
+    *,
+    store: Annotated[str, typer.Argument(help="The store's id or email.")],
+    received_from: Annotated[
+        str | None,
+        typer.Option("--from", help="Sync mail received from this date (ISO 8601; naive is UTC)."),
+    ] = None,
+    received_to: Annotated[
+        str | None,
+        typer.Option("--to", help="Sync mail received before this date. Default: now."),
+    ] = None,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option("--chunk-size", help="Messages per chunk. Default: adapts to the mailbox."),
+    ] = None,
+    sync_type: Annotated[str, typer.Option("--type", help="The job's sync type.")] = "manual",
+    priority: Annotated[int, typer.Option("--priority", help="Higher runs first across jobs.")] = 1,
+    max_attempts: Annotated[
+        int, typer.Option("--max-attempts", help="Tries per chunk before it fails.")
+    ] = 3,
+    force: Annotated[
+        bool, typer.Option("--force", help="Cancel the store's active job and replace it.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Count a mailbox and create a sync job with its chunk plan."""
+    window_from = parse_date(received_from, option="--from") if received_from else None
+    window_to = parse_date(received_to, option="--to") if received_to else None
+    if not sync_type.strip():
+        raise BadInput("--type is empty; leave it out for a manual sync.")
+    target = _target(database_url)
+    with connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
+        created = jobs.create_job(
+            conn,
+            source,
+            store_ref=store,
+            received_from=window_from,
+            received_to=window_to,
+            chunk_size=chunk_size,
+            sync_type=sync_type.strip(),
+            priority=priority,
+            max_attempts=max_attempts,
+            force=force,
+        )
+    if created.cancelled_job_id:
+        output.message(f"Cancelled job {created.cancelled_job_id}, replaced by this one.")
+    if as_json:
+        output.emit_json(
+            {
+                "job_id": created.job_id,
+                "store": created.store,
+                "window": {
+                    "from": created.window.received_from,
+                    "to": created.window.received_to,
+                },
+                "estimated_emails": created.estimated_emails,
+                "chunk_size": created.chunk_size,
+                "chunks": created.chunks,
+                "cancelled_job_id": created.cancelled_job_id,
+            }
+        )
+        return
+    output.details(
+        {
+            "job": created.job_id,
+            "store": f"{created.store.email} ({created.store.id})",
+            "from": created.window.received_from or "the first message",
+            "to": created.window.received_to,
+            "messages": created.estimated_emails,
+            "chunk size": created.chunk_size,
+            "chunks": len(created.chunks),
+        }
+    )
+    output.table(
+        [vars(chunk) for chunk in created.chunks],
+        {
+            "chunk_index": "chunk",
+            "start_offset": "from offset",
+            "end_offset": "to offset",
+            "estimated_emails": "messages",
+        },
+    )
+
+
+def run(
+    *,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", help="Chunks this process works on at once.")
+    ] = 1,
+    drain: Annotated[
+        bool, typer.Option("--drain", help="Exit (0) when nothing is left to claim.")
+    ] = False,
+    lease: Annotated[
+        str, typer.Option("--lease", help="How long a claim lasts without a heartbeat.")
+    ] = "60s",
+    worker_id: Annotated[
+        str | None,
+        typer.Option(
+            "--worker-id", help="Name this worker. Default: host, pid and a random suffix."
+        ),
+    ] = None,
+    poll_only: Annotated[
+        bool, typer.Option("--poll-only", help="Poll for work instead of LISTEN/NOTIFY.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run a worker: claim chunks and sync them into the emails table."""
+    if concurrency < 1:
+        raise BadInput(f"--concurrency must be at least 1, not {concurrency}.")
+    lease_for = parse_duration(lease, option="--lease")
+    if lease_for < _MIN_LEASE:
+        raise BadInput(
+            f"--lease must be at least {format_duration(_MIN_LEASE)}, not {lease}: "
+            "shorter leases expire between heartbeats."
+        )
+    if worker_id is not None and not worker_id.strip():
+        raise BadInput("--worker-id is empty; leave it out for one made of the host name and pid.")
+    target = _target(database_url)
+    source = _mail_source(target)
+    # Imported here: the worker loads only for `run`.
+    from syncctl.worker import WorkerOptions, run_worker  # noqa: PLC0415
+
+    options = WorkerOptions(
+        concurrency=concurrency,
+        lease=lease_for,
+        worker_id=worker_id.strip() if worker_id else None,
+        drain=drain,
+        poll_only=poll_only,
+    )
+    try:
+        code = run_worker(target, source, options)
+    finally:
+        _close(source)
+    if code:
+        raise typer.Exit(code)
+
+
+app.command("run")(run)
+app.command("run-worker", help="Same as `run` (the name the original system used).")(run)
+
+
+@app.command()
+def reap(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be reaped; change nothing.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Expire lost leases: their chunks go back to pending, or fail with no attempts left."""
+    with _connect(database_url) as conn:
+        reaped = queue.reap(conn, dry_run=dry_run)
+    if as_json:
+        output.emit_json({"dry_run": dry_run, "chunks": reaped})
+        return
+    if not reaped:
+        output.message("No lease has expired.")
+        return
+    _reaped_table(reaped)
+    verb = "Would reap" if dry_run else "Reaped"
+    output.message(f"{verb} {len(reaped)} chunk(s).")
+
+
+def _reaped_table(reaped: list[queue.ReapedChunk], *, err: bool = False) -> None:
+    output.table(
+        [vars(chunk) for chunk in reaped],
+        {
+            "job_id": "job",
+            "chunk_index": "chunk",
+            "worker_id": "worker",
+            "started_at": "started",
+            "lease_expires_at": "lease until",
+            "new_status": "becomes",
+        },
+        err=err,
+    )
+
+
+@app.command()
+def status(
+    job: Annotated[
+        str | None, typer.Argument(help="A job's id, for its chunks and their attempts.")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Show live progress bars until the jobs finish.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show active and recent jobs, or one job with its chunks and their attempts."""
+    job_id = _job_id(job) if job is not None else None
+    if watch and as_json:
+        raise BadInput("--watch draws progress bars; leave it out to get --json.")
+    with _connect(database_url) as conn:
+        if watch:
+            _watch(conn, job_id)
+        elif job_id is None:
+            _show_jobs(reports.jobs(conn, recent=_RECENT_JOBS), as_json=as_json)
+        else:
+            _show_job(reports.job_report(conn, job_id), as_json=as_json)
+
+
+def _show_jobs(rows: list[dict[str, Any]], *, as_json: bool) -> None:
+    if as_json:
+        output.emit_json({"jobs": rows})
+        return
+    if not rows:
+        output.message("No jobs yet; create one with `syncctl create`.")
+        return
+    output.table(
+        [
+            {
+                **row,
+                "chunks": f"{row['chunks_done']}/{row['total_chunks']}",
+                "messages": f"{row['emails_synced']}/{row['estimated_emails'] or 0}",
+            }
+            for row in rows
+        ],
+        {
+            "job_id": "job",
+            "store_email": "store",
+            "status": "status",
+            "chunks": "chunks done",
+            "chunks_failed": "failed",
+            "messages": "messages",
+            "created_at": "created",
+        },
+    )
+
+
+def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
+    if as_json:
+        output.emit_json({"job": report.job, "chunks": report.chunks})
+        return
+    output.details(report.job)
+    typer.echo()
+    output.table(
+        [
+            {
+                **chunk,
+                "tries": f"{chunk['attempts']}/{chunk['max_attempts']}",
+                "messages": f"{chunk['emails_synced']}/{chunk['estimated_emails']}",
+            }
+            for chunk in report.chunks
+        ],
+        {
+            "chunk_index": "chunk",
+            "status": "status",
+            "start_offset": "from offset",
+            "end_offset": "to offset",
+            "messages": "messages",
+            "tries": "attempts",
+            "worker_id": "worker",
+            "last_error": "last error",
+        },
+        title="Chunks",
+    )
+    attempts = [attempt for chunk in report.chunks for attempt in chunk["history"]]
+    if attempts:
+        typer.echo()
+        output.table(
+            [{**attempt, "duration": _seconds(attempt["duration_ms"])} for attempt in attempts],
+            {
+                "chunk_index": "chunk",
+                "attempt": "attempt",
+                "worker_id": "worker",
+                "started_at": "started",
+                "finished_at": "finished",
+                "outcome": "outcome",
+                "duration": "duration",
+                "error": "error",
+            },
+            title="Attempts",
+        )
+
+
+def _seconds(milliseconds: int | None) -> str:
+    return "" if milliseconds is None else f"{milliseconds / 1000:.1f}s"
+
+
+def _watch(conn: Connection, job_id: UUID | None) -> None:
+    """Redraw progress until none of the jobs shown is pending or processing."""
+    with output.progress_board() as board:
+        while True:
+            rows = (
+                [reports.job_progress(conn, job_id)]
+                if job_id
+                else reports.jobs(conn, recent=_RECENT_JOBS)
+            )
+            for row in rows:
+                board.show(
+                    str(row["job_id"]),
+                    label=f"{row['store_email']} {str(row['job_id'])[:8]} {row['status']}",
+                    done=row["chunks_done"] + row["chunks_failed"],
+                    total=row["total_chunks"],
+                    detail=f"{row['emails_synced']}/{row['estimated_emails'] or 0} messages",
+                )
+            if not rows:
+                output.message("No jobs yet; create one with `syncctl create`.")
+            if not any(row["status"] in reports.ACTIVE for row in rows):
+                return
+            time.sleep(_WATCH_INTERVAL)
+
+
+# runbook: stuck chunks
+
+
+OlderThanStuck = Annotated[
+    str, typer.Option("--older-than", help="Processing for longer than this is stuck.")
+]
+
+
+@app.command("list-stuck")
+def list_stuck(
+    older_than: OlderThanStuck = "5m",
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 when a chunk is stuck (for monitoring).")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List chunks processing for longer than --older-than or past their lease."""
+    older = parse_duration(older_than, option="--older-than")
+    with _connect(database_url) as conn:
+        stuck = reports.stuck_chunks(conn, older_than=older)
+    if as_json:
+        output.emit_json({"older_than": older_than, "chunks": stuck})
+    elif stuck:
+        output.table(
+            [
+                {
+                    **chunk,
+                    "chunk": f"{chunk['chunk_index']}/{chunk['total_chunks']}",
+                    "tries": f"{chunk['attempts']}/{chunk['max_attempts']}",
+                }
+                for chunk in stuck
+            ],
+            {
+                "job_id": "job",
+                "store_email": "store",
+                "chunk": "chunk",
+                "tries": "attempts",
+                "worker_id": "worker",
+                "started_at": "started",
+                "lease_expires_at": "lease expires",
+                "reason": "why",
+            },
+        )
+    else:
+        output.message(f"No chunk is stuck (processing for over {older_than}, or past its lease).")
+    if check and stuck:
+        raise CheckFailed(
+            f"{len(stuck)} chunk(s) stuck; `syncctl reset-stuck --older-than {older_than}` "
+            "puts them back."
+        )
+
+
+@app.command("reset-stuck")
+def reset_stuck(
+    older_than: OlderThanStuck = "5m",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be reset; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Reset without asking.")] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Put stuck chunks back to pending (or failed when out of attempts)."""
+    older = parse_duration(older_than, option="--older-than")
+    with _connect(database_url) as conn:
+        cutoff = operations.stuck_cutoff(conn, older)
+        stuck = operations.reset_stuck(conn, started_before=cutoff, dry_run=True)
+        changed = False
+        if stuck and not dry_run:
+            if not yes:
+                _reaped_table(stuck, err=True)
+                if not _confirm(
+                    f"Reset these {len(stuck)} chunk(s)?",
+                    flag_hint="pass --yes to reset them, or --dry-run to only look",
+                ):
+                    output.message("Nothing changed.")
+                    return
+            stuck = operations.reset_stuck(conn, started_before=cutoff, dry_run=False)
+            changed = True
+    if as_json:
+        output.emit_json({"dry_run": dry_run, "changed": changed, "chunks": stuck})
+    elif stuck:
+        _reaped_table(stuck)
+    if not stuck:
+        output.message(f"No chunk is stuck (processing for over {older_than}, or past its lease).")
+    elif changed:
+        output.message(f"Reset {len(stuck)} chunk(s).")
+    else:
+        output.message(f"Dry run: would reset {len(stuck)} chunk(s); nothing changed.")
+
+
+# jobs: retry and cancel
+
+
+@app.command()
+def retry(
+    job: JobArgument,
+    chunk: Annotated[
+        int | None, typer.Option("--chunk", help="Retry only this chunk (its index).")
+    ] = None,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Requeue a job's failed (and cancelled) chunks with fresh attempts."""
+    job_id = _job_id(job)
+    with _connect(database_url) as conn:
+        retried = operations.retry_job(conn, job_id, chunk_index=chunk)
+    if as_json:
+        output.emit_json(retried)
+        return
+    chunks = ", ".join(str(i) for i in retried.chunk_indexes)
+    output.message(f"Requeued chunk(s) {chunks} of job {job_id}; the job is {retried.status}.")
+
+
+@app.command()
+def cancel(job: JobArgument, database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
+    """Cancel a job; a worker running one of its chunks is stopped at its next page."""
+    job_id = _job_id(job)
+    with _connect(database_url) as conn:
+        cancelled = operations.cancel_job(conn, job_id, reason="cancelled by operator")
+    if as_json:
+        output.emit_json({"job_id": job_id, "cancelled_chunks": cancelled})
+        return
+    output.message(f"Cancelled job {job_id} ({cancelled} unfinished chunk(s)).")
+
+
+# maintenance
+
+
+Since = Annotated[str, typer.Option("--since", help="Look at chunks created this long ago.")]
+
+
+@app.command("success-rate")
+def success_rate(
+    since: Since = "24h",
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 when the success rate is below --min-rate.")
+    ] = False,
+    min_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--min-rate",
+            help="With --check: the lowest acceptable percentage of finished chunks completed.",
+        ),
+    ] = None,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Count chunks by status, with percentages; the success rate is completed / finished."""
+    period = parse_duration(since, option="--since")
+    if check and min_rate is None:
+        raise BadInput("--check needs --min-rate PCT, e.g. --check --min-rate 95.")
+    if min_rate is not None and not check:
+        raise BadInput("--min-rate applies only with --check.")
+    if min_rate is not None and not 0 <= min_rate <= 100:
+        raise BadInput(f"--min-rate is a percentage from 0 to 100, not {min_rate}.")
+    with _connect(database_url) as conn:
+        result = reports.success_rate(conn, since=period)
+    below = check and result.rate is not None and min_rate is not None and result.rate < min_rate
+    if as_json:
+        output.emit_json(
+            {
+                "since": since,
+                "statuses": result.statuses,
+                "completed": result.completed,
+                "failed": result.failed,
+                "success_rate": result.rate,
+                "min_rate": min_rate,
+            }
+        )
+    elif result.statuses:
+        output.table(result.statuses, {"status": "status", "count": "count", "percentage": "%"})
+    if result.rate is None:
+        output.message(f"No chunk created in the last {since} has finished yet.")
+    else:
+        output.message(
+            f"Success rate: {result.rate:.2f}% of {result.completed + result.failed} "
+            f"finished chunk(s) created in the last {since} completed."
+        )
+    if below:
+        raise CheckFailed(f"The success rate {result.rate:.2f}% is below {min_rate:g}%.")
+
+
+@app.command("problem-stores")
+def problem_stores(
+    since: Since = "24h",
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 when a store has failed chunks.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List stores with failed chunks, worst first."""
+    period = parse_duration(since, option="--since")
+    with _connect(database_url) as conn:
+        stores = reports.problem_stores(conn, since=period)
+    if as_json:
+        output.emit_json({"since": since, "stores": stores})
+    elif stores:
+        output.table(
+            stores,
+            {
+                "name": "store",
+                "email": "email",
+                "failed_chunks": "failed",
+                "total_chunks": "chunks",
+                "last_error": "last error",
+            },
+        )
+    else:
+        output.message(f"No store has a failed chunk created in the last {since}.")
+    if check and stores:
+        raise CheckFailed(f"{len(stores)} store(s) have failed chunks.")
+
+
+@app.command()
+def cleanup(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Delete finished jobs created this long ago.")
+    ] = "7d",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be deleted; change nothing.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Delete without asking.")] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Delete finished jobs (completed, failed, cancelled) with their chunks; emails stay."""
+    older = parse_duration(older_than, option="--older-than")
+    with _connect(database_url) as conn:
+        finished = operations.cleanup(conn, older_than=older, dry_run=True)
+        changed = False
+        if finished and not dry_run:
+            if not yes:
+                _finished_jobs_table(finished, err=True)
+                if not _confirm(
+                    f"Delete these {len(finished)} job(s)?",
+                    flag_hint="pass --yes to delete them, or --dry-run to only look",
+                ):
+                    output.message("Nothing changed.")
+                    return
+            finished = operations.cleanup(
+                conn, older_than=older, only={job["job_id"] for job in finished}
+            )
+            changed = True
+    if as_json:
+        output.emit_json({"dry_run": dry_run, "changed": changed, "jobs": finished})
+    elif finished:
+        _finished_jobs_table(finished)
+    if not finished:
+        output.message(f"No finished job is older than {older_than}.")
+    elif changed:
+        output.message(f"Deleted {len(finished)} job(s) with their chunks; emails stay.")
+    else:
+        output.message(f"Dry run: would delete {len(finished)} job(s); nothing changed.")
+
+
+def _finished_jobs_table(rows: list[dict[str, Any]], *, err: bool = False) -> None:
+    columns: Mapping[str, str] = {
+        "job_id": "job",
+        "store_email": "store",
+        "status": "status",
+        "created_at": "created",
+        "completed_at": "finished",
+        "chunks": "chunks",
+    }
+    output.table(rows, columns, err=err)
+
+
+def main() -> None:
+    """The `syncctl` console script."""
+    app(prog_name="syncctl")

@@ -1,0 +1,113 @@
+"""What the queue looks like: job progress, stuck chunks, success rate, problem stores.
+
+The diagnostics are the reference runbook's queries (sql/queries/reports.sql),
+with their fixed intervals turned into parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+from syncctl.config import DatabaseTarget
+from syncctl.db import Connection, query
+from syncctl.migrate import AppliedMigration, applied_migrations, pending_migrations
+from syncctl.operations import unknown_job
+
+ACTIVE = ("pending", "processing")
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """A job, its chunks, and each chunk's attempts (a list under the chunk's "history" key;
+    "attempts" stays the chunk's attempt count)."""
+
+    job: dict[str, Any]
+    chunks: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class SuccessRate:
+    """Chunk outcomes of a period, by status, and the share of finished chunks that completed."""
+
+    since: timedelta
+    statuses: list[dict[str, Any]]
+    completed: int
+    failed: int
+
+    @property
+    def rate(self) -> float | None:
+        """Completed as a percentage of completed + failed; None when nothing finished."""
+        finished = self.completed + self.failed
+        return round(self.completed * 100.0 / finished, 2) if finished else None
+
+
+@dataclass(frozen=True)
+class DatabaseStatus:
+    source: str
+    url: str  # password masked
+    database: str
+    user: str
+    server_version: str
+    applied: list[AppliedMigration]
+    pending: list[str]
+
+
+def jobs(conn: Connection, *, recent: int = 20) -> list[dict[str, Any]]:
+    """Active jobs and the `recent` most recent others, with chunk and message counts."""
+    return conn.execute(query("report_jobs"), {"job_id": None, "recent": recent}).fetchall()
+
+
+def job_progress(conn: Connection, job_id: UUID) -> dict[str, Any]:
+    """One job's row of `jobs`."""
+    row = conn.execute(query("report_jobs"), {"job_id": job_id, "recent": 0}).fetchone()
+    if row is None:
+        raise unknown_job(job_id)
+    return row
+
+
+def job_report(conn: Connection, job_id: UUID) -> JobReport:
+    """A job, all its chunks, and every attempt of each chunk."""
+    job = conn.execute(query("report_job"), {"job_id": job_id}).fetchone()
+    if job is None:
+        raise unknown_job(job_id)
+    chunks = conn.execute(query("report_job_chunks"), {"job_id": job_id}).fetchall()
+    attempts = conn.execute(query("report_job_attempts"), {"job_id": job_id}).fetchall()
+    by_chunk: dict[UUID, list[dict[str, Any]]] = {}
+    for attempt in attempts:
+        by_chunk.setdefault(attempt["chunk_id"], []).append(attempt)
+    return JobReport(job, [{**c, "history": by_chunk.get(c["chunk_id"], [])} for c in chunks])
+
+
+def stuck_chunks(conn: Connection, *, older_than: timedelta) -> list[dict[str, Any]]:
+    """Chunks processing for longer than older_than, or whose lease has expired."""
+    return conn.execute(query("report_stuck_chunks"), {"older_than": older_than}).fetchall()
+
+
+def success_rate(conn: Connection, *, since: timedelta) -> SuccessRate:
+    """Chunks created in the last `since`, counted by status."""
+    rows = conn.execute(query("report_chunk_success_rate"), {"since": since}).fetchall()
+    counts = {row["status"]: row["count"] for row in rows}
+    return SuccessRate(since, rows, counts.get("completed", 0), counts.get("failed", 0))
+
+
+def problem_stores(conn: Connection, *, since: timedelta) -> list[dict[str, Any]]:
+    """Stores with failed chunks among those created in the last `since`, worst first."""
+    return conn.execute(query("report_problem_stores"), {"since": since}).fetchall()
+
+
+def database_status(conn: Connection, target: DatabaseTarget) -> DatabaseStatus:
+    """Which database is in use and which migrations it has; works before `db migrate`."""
+    row = conn.execute(query("report_database")).fetchone()
+    assert row is not None
+    return DatabaseStatus(
+        source=target.source,
+        url=target.masked_url,
+        database=row["database"],
+        user=row["user_name"],
+        server_version=row["server_version"],
+        applied=applied_migrations(conn),
+        pending=pending_migrations(conn),
+    )
