@@ -81,3 +81,9 @@ def test_embedded_database_is_started_under_syncctl_home_and_reused(
         import pgserver
 
         pgserver.get_server(tmp_path / "home" / "pgdata", cleanup_mode="stop").cleanup()
+
+
+def test_unparsable_url_is_bad_input_and_its_password_is_scrubbed() -> None:
+    with pytest.raises(BadInput) as caught:
+        resolve_database("postgresql://app:s3cret@[bad")
+    assert "s3cret" not in caught.value.message

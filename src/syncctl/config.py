@@ -6,7 +6,6 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import platformdirs
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -79,11 +78,12 @@ def mask_url(url: str) -> str:
 
 def scrub_secrets(text: str, url: str) -> str:
     """Remove the URL's password from a message that may quote it."""
-    password = None
     try:
         password = conninfo_to_dict(url).get("password")
     except Exception:
-        password = urlsplit(url).password if "://" in url else None
+        # A URL psycopg cannot parse may still hold a password in its userinfo.
+        found = re.match(r"^[a-z]+://[^:/@?]*:([^@/?]*)@", url)
+        password = found.group(1) if found else None
     if password:
         text = text.replace(str(password), "***")
     return text

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from functools import cache
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.rows import dict_row
@@ -53,7 +53,7 @@ def _queries() -> dict[str, str]:
 def query(name: str) -> LiteralString:
     """The text of a named query from sql/queries."""
     # The files are ours and shipped with the package; values are always parameters.
-    return cast(LiteralString, _queries()[name])
+    return _queries()[name]
 
 
 def connect(target: DatabaseTarget, *, autocommit: bool = True) -> Connection:
