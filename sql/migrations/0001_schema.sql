@@ -81,6 +81,11 @@ ALTER TABLE chunked_sync_jobs
     ALTER COLUMN attempts SET NOT NULL,
     ALTER COLUMN max_attempts SET NOT NULL;
 
+-- The seed required a business on every job; a store registered without one
+-- (`store add` without --business) must still be able to sync.
+ALTER TABLE sync_queue ALTER COLUMN business_id DROP NOT NULL;
+ALTER TABLE chunked_sync_jobs ALTER COLUMN business_id DROP NOT NULL;
+
 ALTER TABLE sync_queue ADD CONSTRAINT sync_queue_status_valid
     CHECK (status IN ('pending', 'processing', 'completed', 'failed', 'cancelled'));
 ALTER TABLE chunked_sync_jobs ADD CONSTRAINT chunked_sync_jobs_status_valid
@@ -121,6 +126,8 @@ CREATE TABLE chunk_attempts (
     emails_synced integer
 );
 CREATE INDEX chunk_attempts_chunk_idx ON chunk_attempts (chunk_id, id);
+-- Attempts still open are few; the reaper finds those orphaned by hand-run SQL.
+CREATE INDEX chunk_attempts_running_idx ON chunk_attempts (chunk_id) WHERE outcome = 'running';
 
 -- One row per message per store. sync_job_id is not a foreign key: mail
 -- stays when `syncctl cleanup` deletes the job that brought it.

@@ -13,22 +13,39 @@ CREATE OR REPLACE FUNCTION syncctl_refresh_job(p_job_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_busy boolean;
-    v_head_status text;
-    v_head_not_before timestamptz;
+    v_head record;
+    v_has_head boolean;
 BEGIN
     SELECT EXISTS (
-        SELECT 1 FROM chunked_sync_jobs
-         WHERE parent_sync_job_id = p_job_id AND status = 'processing'
+        SELECT 1 FROM chunked_sync_jobs c
+         WHERE c.parent_sync_job_id = p_job_id AND c.status = 'processing'
     ) INTO v_busy;
 
-    -- Sequential rule: only the lowest chunk still pending or processing may run.
-    SELECT status, not_before INTO v_head_status, v_head_not_before
-      FROM chunked_sync_jobs
-     WHERE parent_sync_job_id = p_job_id AND status IN ('pending', 'processing')
-     ORDER BY chunk_index
-     LIMIT 1;
+    LOOP
+        -- Sequential rule: only the lowest chunk still pending or processing may run.
+        SELECT c.id, c.status, c.not_before, c.attempts, c.max_attempts INTO v_head
+          FROM chunked_sync_jobs c
+         WHERE c.parent_sync_job_id = p_job_id AND c.status IN ('pending', 'processing')
+         ORDER BY c.chunk_index
+         LIMIT 1;
+        v_has_head := FOUND;
+        EXIT WHEN NOT v_has_head OR v_head.status <> 'pending'
+                  OR v_head.attempts < v_head.max_attempts;
+        -- Put back to pending by hand after its last attempt (the runbook's
+        -- reset ignores attempts): attempts stay bounded, so it fails.
+        UPDATE chunked_sync_jobs c
+           SET status = 'failed',
+               completed_at = now(),
+               lease_expires_at = NULL,
+               not_before = NULL,
+               last_error = format('put back to pending with no attempts left (%s of %s used)',
+                                   c.attempts, c.max_attempts)
+                            || coalesce('; before: ' || c.last_error, ''),
+               updated_at = now()
+         WHERE c.id = v_head.id;
+    END LOOP;
 
-    IF NOT FOUND THEN
+    IF NOT v_has_head THEN
         -- Every chunk is terminal: the job is done, in this same transaction.
         UPDATE sync_queue q
            SET status = CASE
@@ -44,12 +61,16 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A cancelled job stays cancelled whatever was done to its chunks by hand:
+    -- reviving it could clash with its store's next job (one active per store).
     UPDATE sync_queue q
-       SET claimable_at = CASE WHEN v_busy OR v_head_status <> 'pending' THEN NULL
-                               ELSE coalesce(v_head_not_before, now()) END,
-           status = CASE WHEN q.status = 'pending' AND NOT v_busy THEN 'pending'
+       SET claimable_at = CASE WHEN q.status = 'cancelled' OR v_busy OR v_head.status <> 'pending'
+                               THEN NULL
+                               ELSE coalesce(v_head.not_before, now()) END,
+           status = CASE WHEN q.status = 'cancelled' THEN 'cancelled'
+                         WHEN q.status = 'pending' AND NOT v_busy THEN 'pending'
                          ELSE 'processing' END,
-           completed_at = NULL,
+           completed_at = CASE WHEN q.status = 'cancelled' THEN q.completed_at END,
            updated_at = now()
      WHERE q.id = p_job_id;
 END $$;
@@ -63,19 +84,28 @@ DECLARE
     v_job_id uuid;
     v_chunk chunked_sync_jobs;
 BEGIN
-    FOR i IN 1..10 LOOP
+    IF p_worker_id IS NULL OR p_lease IS NULL THEN
+        RAISE EXCEPTION 'a claim needs a worker id and a lease' USING ERRCODE = '22023';
+    END IF;
+    -- Each pass claims, or repairs one job whose claimable_at was stale; the
+    -- bound only guards against looping forever on a bug.
+    FOR i IN 1..100 LOOP
         -- Lock the job, not the chunk: SKIP LOCKED on chunks would skip a
         -- locked head to its next sibling and break the sequential rule.
-        SELECT id INTO v_job_id
-          FROM sync_queue
-         WHERE claimable_at <= now()
-         ORDER BY priority DESC NULLS LAST, created_at, id
+        -- Only jobs with a claimable head are in sync_queue_claim_idx, so
+        -- neither history nor the chunks behind each head are read here.
+        SELECT q.id INTO v_job_id
+          FROM sync_queue q
+         WHERE q.claimable_at <= now()
+         ORDER BY q.priority DESC NULLS LAST, q.created_at, q.id
          LIMIT 1
-           FOR UPDATE SKIP LOCKED;
+           FOR NO KEY UPDATE SKIP LOCKED;
         IF NOT FOUND THEN
             RETURN;
         END IF;
 
+        -- The head is re-checked here rather than trusted from claimable_at:
+        -- hand-run SQL may have changed the job's chunks since.
         UPDATE chunked_sync_jobs c
            SET status = 'processing',
                worker_id = p_worker_id,
@@ -84,6 +114,7 @@ BEGIN
                completed_at = NULL,
                heartbeat_at = now(),
                lease_expires_at = now() + p_lease,
+               not_before = NULL,
                updated_at = now()
          WHERE c.id = (SELECT h.id FROM chunked_sync_jobs h
                         WHERE h.parent_sync_job_id = v_job_id
@@ -91,6 +122,10 @@ BEGIN
                         ORDER BY h.chunk_index
                         LIMIT 1)
            AND c.status = 'pending'
+           AND c.attempts < c.max_attempts
+           AND (c.not_before IS NULL OR c.not_before <= now())
+           AND NOT EXISTS (SELECT 1 FROM chunked_sync_jobs p
+                            WHERE p.parent_sync_job_id = v_job_id AND p.status = 'processing')
         RETURNING c.* INTO v_chunk;
 
         IF FOUND THEN
@@ -104,8 +139,6 @@ BEGIN
             RETURN;
         END IF;
 
-        -- The job's claimable_at was stale (its chunks were changed by hand):
-        -- repair it and look again.
         PERFORM syncctl_refresh_job(v_job_id);
     END LOOP;
 END $$;
@@ -135,21 +168,21 @@ DECLARE
     v_status text;
     v_attempt_outcome text;
 BEGIN
-    IF p_outcome NOT IN ('completed', 'error', 'permanent', 'released') THEN
+    IF p_outcome IS NULL OR p_outcome NOT IN ('completed', 'error', 'permanent', 'released') THEN
         RAISE EXCEPTION 'unknown outcome %', p_outcome USING ERRCODE = '22023';
     END IF;
 
-    SELECT parent_sync_job_id INTO v_job_id FROM chunked_sync_jobs WHERE id = p_chunk_id;
+    SELECT c.parent_sync_job_id INTO v_job_id FROM chunked_sync_jobs c WHERE c.id = p_chunk_id;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    PERFORM 1 FROM sync_queue WHERE id = v_job_id FOR UPDATE;
+    PERFORM 1 FROM sync_queue q WHERE q.id = v_job_id FOR NO KEY UPDATE;
 
-    SELECT * INTO v_chunk FROM chunked_sync_jobs
-     WHERE id = p_chunk_id
-       AND status = 'processing'
-       AND (p_worker_id IS NULL OR (worker_id = p_worker_id AND attempts = p_attempt))
-       FOR UPDATE;
+    SELECT * INTO v_chunk FROM chunked_sync_jobs c
+     WHERE c.id = p_chunk_id
+       AND c.status = 'processing'
+       AND (p_worker_id IS NULL OR (c.worker_id = p_worker_id AND c.attempts = p_attempt))
+       FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -166,40 +199,53 @@ BEGIN
         WHEN v_status = 'failed' THEN 'failed'
         ELSE 'retrying' END;
 
-    UPDATE chunked_sync_jobs
+    UPDATE chunked_sync_jobs c
        SET status = v_status,
-           attempts = CASE WHEN p_outcome = 'released' THEN attempts - 1 ELSE attempts END,
-           worker_id = CASE WHEN v_status = 'pending' THEN NULL ELSE worker_id END,
+           -- A released attempt was not used; the chunk_attempts row keeps it.
+           attempts = CASE WHEN p_outcome = 'released' THEN c.attempts - 1 ELSE c.attempts END,
+           worker_id = CASE WHEN v_status = 'pending' THEN NULL ELSE c.worker_id END,
            lease_expires_at = NULL,
            completed_at = CASE WHEN v_status IN ('completed', 'failed') THEN now() END,
            processing_time_ms = coalesce(p_processing_time_ms,
-               (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer),
+               (extract(epoch FROM clock_timestamp() - c.started_at) * 1000)::integer),
            last_error = CASE WHEN p_outcome = 'completed' THEN NULL
-                             WHEN p_outcome = 'released' THEN last_error
+                             WHEN p_outcome = 'released' THEN c.last_error
                              ELSE p_error END,
-           -- Exponential backoff with jitter, capped at ten minutes.
+           -- Exponential backoff with jitter: base * 2^(attempt-1) * [0.5, 1),
+           -- capped at ten minutes (the exponent too, so it cannot overflow).
            not_before = CASE WHEN v_attempt_outcome = 'retrying'
                THEN now() + least(interval '10 minutes',
-                                  p_retry_base * power(2, greatest(attempts - 1, 0)))
+                                  p_retry_base * power(2, least(greatest(c.attempts - 1, 0), 20)))
                           * (0.5 + random() / 2)
                END,
            updated_at = now()
-     WHERE id = p_chunk_id;
+     WHERE c.id = p_chunk_id;
 
-    UPDATE chunk_attempts
+    UPDATE chunk_attempts a
        SET finished_at = clock_timestamp(),
            outcome = v_attempt_outcome,
            error = p_error,
-           duration_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer,
+           duration_ms = (extract(epoch FROM clock_timestamp() - a.started_at) * 1000)::integer,
            emails_synced = v_chunk.emails_synced
-     WHERE chunk_id = p_chunk_id AND attempt = v_chunk.attempts AND outcome = 'running';
+     WHERE a.chunk_id = p_chunk_id AND a.attempt = v_chunk.attempts AND a.outcome = 'running';
 
     PERFORM syncctl_refresh_job(v_job_id);
-    IF v_status = 'pending' OR v_status IN ('completed', 'failed') THEN
-        PERFORM pg_notify('syncctl_chunks', v_job_id::text);
-    END IF;
+    PERFORM pg_notify('syncctl_chunks', v_job_id::text);
     RETURN v_status;
 END $$;
+
+-- Whether a processing chunk is to be taken back: its lease ran out (one with
+-- no lease, left by hand-run SQL, gets five minutes from its start), or it
+-- started before the operator's cutoff.
+CREATE OR REPLACE FUNCTION syncctl_chunk_expired(
+    p_lease_expires_at timestamptz,
+    p_started_at timestamptz,
+    p_started_before timestamptz
+) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(p_lease_expires_at, p_started_at + interval '5 minutes', '-infinity') < now()
+           OR coalesce(p_started_at < p_started_before, false)
+$$;
 
 -- Expire lost leases: a chunk whose worker stopped heartbeating goes back to
 -- pending when attempts are left, else to failed with the reason. With
@@ -215,10 +261,13 @@ CREATE OR REPLACE FUNCTION syncctl_reap(
 RETURNS TABLE (chunk_id uuid, job_id uuid, chunk_index integer, worker_id text,
                started_at timestamptz, lease_expires_at timestamptz, new_status text)
 LANGUAGE plpgsql AS $$
-#variable_conflict use_column
+-- The output columns share names with table columns: every column reference
+-- below is qualified, and an unqualified one is an error rather than a guess.
+#variable_conflict error
 DECLARE
     v_job record;
     v_chunk chunked_sync_jobs;
+    v_exhausted boolean;
 BEGIN
     IF p_dry_run THEN
         RETURN QUERY
@@ -227,7 +276,7 @@ BEGIN
                CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END
           FROM chunked_sync_jobs c
          WHERE c.status = 'processing'
-           AND (c.lease_expires_at < now() OR c.started_at < p_started_before)
+           AND syncctl_chunk_expired(c.lease_expires_at, c.started_at, p_started_before)
          ORDER BY c.started_at;
         RETURN;
     END IF;
@@ -236,29 +285,35 @@ BEGIN
         SELECT q.id FROM sync_queue q
          WHERE q.id IN (SELECT c.parent_sync_job_id FROM chunked_sync_jobs c
                          WHERE c.status = 'processing'
-                           AND (c.lease_expires_at < now() OR c.started_at < p_started_before))
+                           AND syncctl_chunk_expired(c.lease_expires_at, c.started_at,
+                                                     p_started_before))
          ORDER BY q.id
-           FOR UPDATE SKIP LOCKED
+           FOR NO KEY UPDATE SKIP LOCKED
     LOOP
+        -- Re-checked under the lock: a heartbeat may have landed meanwhile.
         FOR v_chunk IN
             SELECT * FROM chunked_sync_jobs c
              WHERE c.parent_sync_job_id = v_job.id
                AND c.status = 'processing'
-               AND (c.lease_expires_at < now() OR c.started_at < p_started_before)
-               FOR UPDATE
+               AND syncctl_chunk_expired(c.lease_expires_at, c.started_at, p_started_before)
+               FOR NO KEY UPDATE
         LOOP
+            v_exhausted := v_chunk.attempts >= v_chunk.max_attempts;
             UPDATE chunked_sync_jobs c
-               SET status = CASE WHEN c.attempts >= c.max_attempts THEN 'failed' ELSE 'pending' END,
+               SET status = CASE WHEN v_exhausted THEN 'failed' ELSE 'pending' END,
                    last_error = coalesce(p_reason,
-                                         format('lease expired at %s: worker %s stopped heartbeating',
-                                                c.lease_expires_at, c.worker_id))
-                                || CASE WHEN c.attempts >= c.max_attempts
+                                         CASE WHEN c.lease_expires_at IS NULL
+                                              THEN format('processing since %s with no lease: worker %s',
+                                                          c.started_at, c.worker_id)
+                                              ELSE format('lease expired at %s: worker %s stopped heartbeating',
+                                                          c.lease_expires_at, c.worker_id) END)
+                                || CASE WHEN v_exhausted
                                         THEN format(' (attempt %s of %s, none left)',
                                                     c.attempts, c.max_attempts)
                                         ELSE '' END,
-                   worker_id = CASE WHEN c.attempts >= c.max_attempts THEN c.worker_id END,
+                   worker_id = CASE WHEN v_exhausted THEN c.worker_id END,
                    lease_expires_at = NULL,
-                   completed_at = CASE WHEN c.attempts >= c.max_attempts THEN now() END,
+                   completed_at = CASE WHEN v_exhausted THEN now() END,
                    not_before = NULL,
                    updated_at = now()
              WHERE c.id = v_chunk.id;
@@ -274,23 +329,33 @@ BEGIN
             worker_id := v_chunk.worker_id;
             started_at := v_chunk.started_at;
             lease_expires_at := v_chunk.lease_expires_at;
-            new_status := CASE WHEN v_chunk.attempts >= v_chunk.max_attempts
-                               THEN 'failed' ELSE 'pending' END;
+            new_status := CASE WHEN v_exhausted THEN 'failed' ELSE 'pending' END;
             RETURN NEXT;
         END LOOP;
         PERFORM syncctl_refresh_job(v_job.id);
         PERFORM pg_notify('syncctl_chunks', v_job.id::text);
     END LOOP;
 
-    -- Jobs left unclaimable by hand-run SQL (the runbook's reset): nothing is
-    -- processing, yet claimable_at is empty while chunks wait.
+    -- Jobs left wrong by hand-run SQL (the runbook's reset, a chunk edited by
+    -- hand): nothing is processing, yet the job is neither claimable nor
+    -- rolled up. A job still waiting for its chunks to be created is not one.
     FOR v_job IN
         SELECT q.id FROM sync_queue q
          WHERE q.status IN ('pending', 'processing') AND q.claimable_at IS NULL
+           AND EXISTS (SELECT 1 FROM chunked_sync_jobs c WHERE c.parent_sync_job_id = q.id)
            AND NOT EXISTS (SELECT 1 FROM chunked_sync_jobs c
                             WHERE c.parent_sync_job_id = q.id AND c.status = 'processing')
-           FOR UPDATE SKIP LOCKED
+         ORDER BY q.id
+           FOR NO KEY UPDATE SKIP LOCKED
     LOOP
+        -- No chunk of the job is processing, so an attempt still open was cut short.
+        UPDATE chunk_attempts a
+           SET finished_at = now(), outcome = 'reaped',
+               error = 'put back to pending by hand',
+               duration_ms = (extract(epoch FROM now() - a.started_at) * 1000)::integer
+         WHERE a.outcome = 'running'
+           AND a.chunk_id IN (SELECT c.id FROM chunked_sync_jobs c
+                               WHERE c.parent_sync_job_id = v_job.id);
         PERFORM syncctl_refresh_job(v_job.id);
         PERFORM pg_notify('syncctl_chunks', v_job.id::text);
     END LOOP;
@@ -304,14 +369,21 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 -- The seed's functions, with their names, parameter names and call shapes
--- kept. Older deployments also had overloads that made PostgREST calls
--- ambiguous; they go.
-DROP FUNCTION IF EXISTS create_sync_chunks(uuid, integer);
-DROP FUNCTION IF EXISTS create_sync_chunks(uuid, text, integer, timestamptz, timestamptz);
-DROP FUNCTION IF EXISTS create_sync_chunks(uuid, text, integer, text, text);
-DROP FUNCTION IF EXISTS claim_next_chunk_job(text);
-DROP FUNCTION IF EXISTS complete_chunk_job(uuid, text);
-DROP FUNCTION IF EXISTS complete_chunk_job(uuid, text, integer);
+-- kept. Older deployments also had overloads that made calls by name
+-- ambiguous; every overload goes, whatever its signature, so exactly one of
+-- each remains.
+DO $$
+DECLARE
+    v_function regprocedure;
+BEGIN
+    FOR v_function IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+         WHERE p.proname IN ('create_sync_chunks', 'claim_next_chunk_job', 'complete_chunk_job')
+           AND p.pronamespace = current_schema()::regnamespace
+    LOOP
+        EXECUTE format('DROP FUNCTION %s', v_function);
+    END LOOP;
+END $$;
 
 -- Plan and insert the chunks of an existing parent job. The chunk size is
 -- the parent's metadata.chunk_size when set, else syncctl_chunk_size().
@@ -329,30 +401,39 @@ DECLARE
     v_size integer;
     v_total integer;
 BEGIN
-    SELECT * INTO v_job FROM sync_queue WHERE id = p_parent_sync_job_id FOR UPDATE;
+    SELECT * INTO v_job FROM sync_queue q WHERE q.id = p_parent_sync_job_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN jsonb_build_object('success', false,
                                   'error', 'parent sync job not found');
     END IF;
-    IF EXISTS (SELECT 1 FROM chunked_sync_jobs WHERE parent_sync_job_id = v_job.id) THEN
+    IF v_job.status NOT IN ('pending', 'processing') THEN
+        RETURN jsonb_build_object('success', false,
+                                  'error', format('parent sync job is %s', v_job.status));
+    END IF;
+    IF EXISTS (SELECT 1 FROM chunked_sync_jobs c WHERE c.parent_sync_job_id = v_job.id) THEN
         RETURN jsonb_build_object('success', false,
                                   'error', 'chunks already exist for this sync job');
     END IF;
 
+    -- 100 when nothing is known: the original frontend's fallback count.
     v_count := greatest(0, coalesce(p_estimated_email_count, v_job.estimated_emails, 100));
-    v_size := coalesce((v_job.metadata ->> 'chunk_size')::integer, syncctl_chunk_size(v_count));
+    -- Metadata written by other callers may hold anything; only a positive
+    -- whole number is taken as a chunk size.
+    v_size := coalesce(
+        nullif(substring(v_job.metadata ->> 'chunk_size' FROM '^\s*([0-9]{1,9})\s*$')::integer, 0),
+        syncctl_chunk_size(v_count));
     v_total := ceil(v_count::numeric / v_size)::integer;
 
     -- The window is frozen at creation: mail arriving later does not shift
-    -- the offsets of a running job.
-    UPDATE sync_queue
-       SET sync_type = coalesce(p_sync_type, sync_type),
-           sync_from = coalesce(p_sync_from::timestamptz, sync_from),
-           sync_to = coalesce(p_sync_to::timestamptz, sync_to, created_at, now()),
+    -- the offsets of a running job. Callers pass '' for "not set".
+    UPDATE sync_queue q
+       SET sync_type = coalesce(p_sync_type, q.sync_type),
+           sync_from = coalesce(nullif(p_sync_from, '')::timestamptz, q.sync_from),
+           sync_to = coalesce(nullif(p_sync_to, '')::timestamptz, q.sync_to, q.created_at, now()),
            estimated_emails = v_count,
-           metadata = coalesce(metadata, '{}') || jsonb_build_object('chunk_size', v_size),
+           metadata = coalesce(q.metadata, '{}') || jsonb_build_object('chunk_size', v_size),
            updated_at = now()
-     WHERE id = v_job.id;
+     WHERE q.id = v_job.id;
 
     INSERT INTO chunked_sync_jobs (parent_sync_job_id, business_id, store_id, chunk_index,
                                    total_chunks, start_offset, end_offset, estimated_emails,
@@ -363,6 +444,7 @@ BEGIN
            v_job.max_attempts
       FROM generate_series(1, v_total) AS i;
 
+    -- With no chunks (an empty window) this completes the job at once.
     PERFORM syncctl_refresh_job(v_job.id);
     PERFORM pg_notify('syncctl_chunks', v_job.id::text);
     RETURN jsonb_build_object(
@@ -380,7 +462,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_chunk chunked_sync_jobs;
 BEGIN
-    SELECT * INTO v_chunk FROM syncctl_claim_chunk(p_worker_id, interval '10 minutes');
+    SELECT * INTO v_chunk
+      FROM syncctl_claim_chunk(coalesce(nullif(p_worker_id, ''), 'claim_next_chunk_job'),
+                               interval '10 minutes');
     IF NOT FOUND THEN
         RETURN jsonb_build_object('success', false, 'message', 'no chunk available');
     END IF;
@@ -396,6 +480,9 @@ BEGIN
         'attempt', v_chunk.attempts);
 END $$;
 
+-- 'failed' from the original callers is a transient failure: the chunk is
+-- retried with backoff until max_attempts, as the original documentation
+-- promises.
 CREATE FUNCTION complete_chunk_job(
     p_chunk_job_id uuid,
     p_status text DEFAULT 'completed',
@@ -405,7 +492,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_status text;
 BEGIN
-    IF p_status NOT IN ('completed', 'failed') THEN
+    IF p_status IS NULL OR p_status NOT IN ('completed', 'failed') THEN
         RETURN jsonb_build_object('success', false,
                                   'error', 'p_status must be completed or failed');
     END IF;
@@ -421,3 +508,7 @@ BEGIN
     RETURN jsonb_build_object('success', true, 'chunk_id', p_chunk_job_id,
                               'status', v_status);
 END $$;
+
+-- Servers that answer calls by name cache function signatures; ask them to
+-- reload, so the dropped overloads are forgotten. Nobody listening: no effect.
+NOTIFY pgrst, 'reload schema';

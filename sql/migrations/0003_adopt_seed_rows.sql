@@ -8,11 +8,19 @@ UPDATE chunked_sync_jobs
    SET lease_expires_at = coalesce(started_at, now()) + interval '5 minutes'
  WHERE status = 'processing' AND lease_expires_at IS NULL;
 
+-- Every attempt is recorded from now on, the ones in flight included, so the
+-- reaper or the finishing caller closes them like any other.
+INSERT INTO chunk_attempts (chunk_id, attempt, worker_id, started_at)
+SELECT c.id, c.attempts, coalesce(c.worker_id, 'unknown'), coalesce(c.started_at, now())
+  FROM chunked_sync_jobs c
+ WHERE c.status = 'processing';
+
 -- The original never rolled parents up; a parent created without chunks
 -- (its create_sync_chunks failed) can never run.
 UPDATE sync_queue q
    SET status = 'failed',
        last_error = 'created without chunks by the original system',
+       completed_at = now(),
        updated_at = now()
  WHERE q.status IN ('pending', 'processing')
    AND NOT EXISTS (SELECT 1 FROM chunked_sync_jobs c WHERE c.parent_sync_job_id = q.id);
@@ -33,6 +41,7 @@ WITH ranked AS (
 UPDATE sync_queue q
    SET status = 'cancelled',
        claimable_at = NULL,
+       completed_at = now(),
        last_error = 'cancelled on upgrade to syncctl: a newer job of this store was active',
        updated_at = now()
   FROM ranked
@@ -43,6 +52,13 @@ UPDATE chunked_sync_jobs c
   FROM sync_queue q
  WHERE c.parent_sync_job_id = q.id AND q.status = 'cancelled'
    AND c.status IN ('pending', 'processing');
+
+UPDATE chunk_attempts a
+   SET finished_at = now(), outcome = 'cancelled',
+       error = 'job cancelled on upgrade to syncctl',
+       duration_ms = (extract(epoch FROM now() - a.started_at) * 1000)::integer
+  FROM chunked_sync_jobs c
+ WHERE a.chunk_id = c.id AND c.status = 'cancelled' AND a.outcome = 'running';
 
 CREATE UNIQUE INDEX sync_queue_one_active_per_store
     ON sync_queue (store_id) WHERE status IN ('pending', 'processing');

@@ -18,7 +18,7 @@ SELECT id, name, email, business_id FROM stores WHERE lower(email) = lower(%(ema
 
 -- lock_store --
 -- Serialise job creation for one store.
-SELECT id FROM stores WHERE id = %(store_id)s FOR UPDATE;
+SELECT id FROM stores WHERE id = %(store_id)s FOR NO KEY UPDATE;
 
 -- active_job_of_store --
 SELECT id, status, created_at FROM sync_queue

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import LiteralString, cast
+
+import psycopg
 
 from syncctl.db import Connection, query, sql_dir
+from syncctl.errors import DatabaseUnavailable, SyncctlError
 
 # Any fixed number works; it only has to be the same on every host.
 MIGRATION_LOCK_KEY = 7_411_902_113
+
+
+class MigrationFailed(SyncctlError):
+    """A migration could not be applied; the database is left as it was before it."""
+
+    # The database refused the change, as with any other refused request.
+    exit_code = DatabaseUnavailable.exit_code
 
 
 @dataclass(frozen=True)
@@ -40,13 +49,23 @@ def migrate(conn: Connection) -> list[str]:
         for name, text in migration_files():
             if name in done:
                 continue
-            with conn.transaction():
-                conn.execute(cast(LiteralString, text))  # our own shipped file, several statements
-                conn.execute(query("record_migration"), {"name": name})
+            try:
+                with conn.transaction():
+                    # Our own shipped file, several statements, no parameters.
+                    conn.execute(text)
+                    conn.execute(query("record_migration"), {"name": name})
+            except psycopg.Error as exc:
+                if conn.closed:
+                    raise  # the database is gone, not the migration at fault
+                raise MigrationFailed(
+                    f"Migration {name} failed and was rolled back: "
+                    f"{exc.diag.message_primary or exc}"
+                ) from exc
             applied.append(name)
         return applied
     finally:
-        conn.execute(query("unlock_migrations"), {"key": MIGRATION_LOCK_KEY})
+        if not conn.closed:
+            conn.execute(query("unlock_migrations"), {"key": MIGRATION_LOCK_KEY})
 
 
 def applied_migrations(conn: Connection) -> list[AppliedMigration]:
@@ -61,5 +80,6 @@ def applied_migrations(conn: Connection) -> list[AppliedMigration]:
 
 
 def pending_migrations(conn: Connection) -> list[str]:
+    """The shipped migrations this database has not had yet, in order."""
     done = {m.name for m in applied_migrations(conn)}
     return [name for name, _ in migration_files() if name not in done]
