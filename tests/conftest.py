@@ -134,4 +134,3 @@ def make_conn(target: DatabaseTarget) -> Iterator[Any]:
 
 def raw_connect(url: str) -> psycopg.Connection[dict[str, Any]]:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row)
-

@@ -11,9 +11,15 @@ from syncctl.errors import BadInput
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("postgresql://app:s3cret@db.example:5432/sync", "postgresql://app:***@db.example:5432/sync"),
+        (
+            "postgresql://app:s3cret@db.example:5432/sync",
+            "postgresql://app:***@db.example:5432/sync",
+        ),
         ("postgresql://app@db.example/sync", "postgresql://app@db.example/sync"),
-        ("postgresql:///sync?host=/run/pg&password=s3cret", "postgresql:///sync?host=/run/pg&password=***"),
+        (
+            "postgresql:///sync?host=/run/pg&password=s3cret",
+            "postgresql:///sync?host=/run/pg&password=***",
+        ),
         ("host=db.example user=app password=s3cret dbname=sync", "password=***"),
     ],
 )

@@ -3,6 +3,7 @@
 UPDATE chunked_sync_jobs
    SET checkpoint = %(checkpoint)s,
        emails_synced = emails_synced + %(page_size)s,
+       processing_time_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer,
        heartbeat_at = now(),
        lease_expires_at = now() + %(lease)s,
        updated_at = now()
@@ -10,17 +11,25 @@ UPDATE chunked_sync_jobs
    AND worker_id = %(worker_id)s AND attempts = %(attempt)s
 RETURNING emails_synced;
 
--- upsert_email --
--- One message; a message already stored for the store is refreshed, never duplicated.
+-- upsert_emails --
+-- A page of messages in one statement, one array per column; a message already
+-- stored for the store is updated only where it changed, never duplicated.
 INSERT INTO emails (store_id, sync_job_id, provider_message_id, internet_message_id,
                     conversation_id, subject, from_address, from_name, to_recipients,
                     cc_recipients, bcc_recipients, received_at, sent_at, is_read, is_draft,
                     has_attachments, importance, flag_status, body_content_type, body)
-VALUES (%(store_id)s, %(sync_job_id)s, %(provider_message_id)s, %(internet_message_id)s,
-        %(conversation_id)s, %(subject)s, %(from_address)s, %(from_name)s, %(to_recipients)s,
-        %(cc_recipients)s, %(bcc_recipients)s, %(received_at)s, %(sent_at)s, %(is_read)s,
-        %(is_draft)s, %(has_attachments)s, %(importance)s, %(flag_status)s,
-        %(body_content_type)s, %(body)s)
+SELECT %(store_id)s, %(sync_job_id)s, m.*
+  FROM unnest(%(provider_message_id)s::text[], %(internet_message_id)s::text[],
+              %(conversation_id)s::text[], %(subject)s::text[], %(from_address)s::text[],
+              %(from_name)s::text[], %(to_recipients)s::jsonb[], %(cc_recipients)s::jsonb[],
+              %(bcc_recipients)s::jsonb[], %(received_at)s::timestamptz[],
+              %(sent_at)s::timestamptz[], %(is_read)s::boolean[], %(is_draft)s::boolean[],
+              %(has_attachments)s::boolean[], %(importance)s::text[], %(flag_status)s::text[],
+              %(body_content_type)s::text[], %(body)s::text[])
+       AS m (provider_message_id, internet_message_id, conversation_id, subject,
+             from_address, from_name, to_recipients, cc_recipients, bcc_recipients,
+             received_at, sent_at, is_read, is_draft, has_attachments, importance,
+             flag_status, body_content_type, body)
 ON CONFLICT (store_id, provider_message_id) DO UPDATE
    SET sync_job_id = EXCLUDED.sync_job_id,
        internet_message_id = EXCLUDED.internet_message_id,
@@ -40,4 +49,17 @@ ON CONFLICT (store_id, provider_message_id) DO UPDATE
        flag_status = EXCLUDED.flag_status,
        body_content_type = EXCLUDED.body_content_type,
        body = EXCLUDED.body,
-       synced_at = now();
+       synced_at = now()
+ -- A retried or overlapping page rewrites nothing: no new row versions, synced_at kept.
+ WHERE (emails.internet_message_id, emails.conversation_id, emails.subject,
+        emails.from_address, emails.from_name, emails.to_recipients, emails.cc_recipients,
+        emails.bcc_recipients, emails.received_at, emails.sent_at, emails.is_read,
+        emails.is_draft, emails.has_attachments, emails.importance, emails.flag_status,
+        emails.body_content_type, emails.body)
+       IS DISTINCT FROM
+       (EXCLUDED.internet_message_id, EXCLUDED.conversation_id, EXCLUDED.subject,
+        EXCLUDED.from_address, EXCLUDED.from_name, EXCLUDED.to_recipients,
+        EXCLUDED.cc_recipients, EXCLUDED.bcc_recipients, EXCLUDED.received_at,
+        EXCLUDED.sent_at, EXCLUDED.is_read, EXCLUDED.is_draft, EXCLUDED.has_attachments,
+        EXCLUDED.importance, EXCLUDED.flag_status, EXCLUDED.body_content_type,
+        EXCLUDED.body);

@@ -221,7 +221,7 @@ def _connect(database_url: str | None) -> Iterator[Connection]:
 def _mail_source(target: DatabaseTarget) -> MailSource:
     """The mail service for counting and syncing (Microsoft Graph)."""
     # Imported here so only commands that talk to Graph load the client.
-    from syncctl.graph import open_mail_source  # noqa: PLC0415
+    from syncctl.graph import open_mail_source
 
     return open_mail_source(target)
 
@@ -508,7 +508,7 @@ def run(
     target = _target(database_url)
     source = _mail_source(target)
     # Imported here: the worker loads only for `run`.
-    from syncctl.worker import WorkerOptions, run_worker  # noqa: PLC0415
+    from syncctl.worker import WorkerOptions, run_worker
 
     options = WorkerOptions(
         concurrency=concurrency,

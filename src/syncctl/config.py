@@ -72,7 +72,7 @@ def mask_url(url: str) -> str:
     except Exception:
         return "(unparsable connection string)"
     if "password" in params:
-        params["password"] = "***"
+        params["password"] = "***"  # noqa: S105 - the mask itself, not a password
     return make_conninfo("", **params)
 
 
@@ -87,4 +87,3 @@ def scrub_secrets(text: str, url: str) -> str:
     if password:
         text = text.replace(str(password), "***")
     return text
-

@@ -1,8 +1,9 @@
-"""Writing a page of messages: clean, upsert, checkpoint, in one transaction."""
+"""Writing a page of messages: clean, batch, upsert, checkpoint, in one transaction."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import re
+from dataclasses import fields
 from datetime import timedelta
 from typing import Any
 
@@ -12,16 +13,36 @@ from syncctl.db import Connection, query
 from syncctl.mailsource import Message
 from syncctl.queue import Chunk
 
+_COLUMNS = [f.name for f in fields(Message)]
+# A surrogate code point alone (JSON can escape one; UTF-8 cannot encode it).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 class LeaseLost(Exception):
     """This worker no longer holds the chunk: it was reaped, cancelled or reset."""
 
 
 def clean_text(value: str | None) -> str | None:
-    """Text PostgreSQL can store: no NUL bytes, no lone surrogates."""
+    """Text PostgreSQL can store: no NUL bytes, no lone surrogates (each becomes U+FFFD)."""
     if value is None:
         return None
-    return value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    value = value.replace("\x00", "")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def clean_json(value: Any) -> Any:
+    """A JSON value with every string in it (keys too) cleaned: jsonb rejects \\u0000."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_json(v) for v in value]
+    return value
 
 
 def write_page(
@@ -36,13 +57,14 @@ def write_page(
 
     The checkpoint is written first: it is the fence (a worker that lost the
     chunk writes nothing) and it locks the chunk against the reaper until
-    the page is committed.
+    the page is committed. The page goes in as one multi-row upsert, so a
+    page is stored whole or not at all.
     """
     with conn.transaction():
         row = conn.execute(
             query("save_checkpoint"),
             {
-                "checkpoint": Jsonb(checkpoint),
+                "checkpoint": Jsonb(clean_json(checkpoint)),
                 "page_size": len(messages),
                 "lease": lease,
                 "chunk_id": chunk.id,
@@ -53,19 +75,24 @@ def write_page(
         if row is None:
             raise LeaseLost(f"{chunk} no longer belongs to worker {chunk.worker_id}")
         if messages:
-            with conn.cursor() as cur:
-                cur.executemany(query("upsert_email"), [_email_row(chunk, m) for m in messages])
+            conn.execute(query("upsert_emails"), _page_columns(chunk, messages))
         synced: int = row["emails_synced"]
         return synced
 
 
-def _email_row(chunk: Chunk, message: Message) -> dict[str, Any]:
-    row: dict[str, Any] = asdict(message)
-    for key, value in row.items():
-        if isinstance(value, str):
-            row[key] = clean_text(value)
-        elif isinstance(value, list):
-            row[key] = Jsonb(value)
-    row["store_id"] = chunk.store_id
-    row["sync_job_id"] = chunk.parent_sync_job_id
-    return row
+def _page_columns(chunk: Chunk, messages: list[Message]) -> dict[str, Any]:
+    """The page as one array per column, cleaned, each message once."""
+    # One statement cannot upsert a row twice: the last copy of a message wins.
+    unique = list({m.provider_message_id: m for m in messages}.values())
+    columns: dict[str, Any] = {name: [] for name in _COLUMNS}
+    for message in unique:
+        for name in _COLUMNS:
+            value = getattr(message, name)
+            if isinstance(value, str):
+                value = clean_text(value)
+            elif isinstance(value, list):
+                value = Jsonb(clean_json(value))
+            columns[name].append(value)
+    columns["store_id"] = chunk.store_id
+    columns["sync_job_id"] = chunk.parent_sync_job_id
+    return columns

@@ -55,8 +55,7 @@ def add_store(
         existing = conn.execute(query("stores_by_email"), {"email": email}).fetchall()
         if existing:
             raise BadInput(
-                f"A store with email {email} exists already (id {existing[0]['id']}); "
-                "use that one."
+                f"A store with email {email} exists already (id {existing[0]['id']}); use that one."
             )
         row = conn.execute(
             query("add_store"), {"name": name.strip(), "email": email, "business_id": business_id}
@@ -161,7 +160,8 @@ def create_job(
             query("create_chunks"),
             {"job_id": job["id"], "sync_type": sync_type, "estimated_emails": estimated},
         ).fetchone()
-        assert result is not None and result["result"]["success"], result
+        if result is None or not result["result"]["success"]:
+            raise RuntimeError(f"create_sync_chunks refused job {job['id']}: {result}")
         chunks = conn.execute(query("chunks_of_job"), {"job_id": job["id"]}).fetchall()
     return CreatedJob(
         job_id=job["id"],
