@@ -774,6 +774,7 @@ PUBLIC_COMMANDS = {
     "success-rate",
     "problem-stores",
     "cleanup",
+    "dev fake-graph",
 }
 
 

@@ -116,8 +116,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The database: apply migrations, show which one is in use.")
 store_app = typer.Typer(help="The mailboxes syncctl syncs.")
+dev_app = typer.Typer(help="Tools for development, tests and load runs.")
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
+app.add_typer(dev_app, name="dev")
 
 
 class LogFormat(StrEnum):
@@ -960,6 +962,80 @@ def _finished_jobs_table(rows: list[dict[str, Any]], *, err: bool = False) -> No
         "chunks": "chunks",
     }
     output.table(rows, columns, err=err)
+
+
+@dev_app.command("fake-graph")
+def dev_fake_graph(
+    *,
+    mailbox: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--mailbox",
+            help="A mailbox to serve, EMAIL=COUNT; repeat for more.",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int, typer.Option("--port", help="Port on 127.0.0.1 (0: any free one).")
+    ] = 8085,
+    seed: Annotated[int, typer.Option("--seed", help="Changes every generated message.")] = 0,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="The bearer token to accept (default: a random one)."),
+    ] = None,
+    throttle_rate: Annotated[
+        float, typer.Option("--throttle-rate", help="Share of requests answered 429.")
+    ] = 0.0,
+    retry_after: Annotated[
+        float, typer.Option("--retry-after", help="Retry-After seconds sent with a 429.")
+    ] = 1.0,
+    error_rate: Annotated[
+        float, typer.Option("--error-rate", help="Share of requests answered 5xx.")
+    ] = 0.0,
+    latency: Annotated[
+        float, typer.Option("--latency", help="Seconds added to every request.")
+    ] = 0.0,
+    hang: Annotated[float, typer.Option("--hang", help="Share of requests never answered.")] = 0.0,
+    max_in_flight: Annotated[
+        int,
+        typer.Option(
+            "--max-in-flight",
+            help="Requests in flight per mailbox before 429 MailboxConcurrency (0: no limit).",
+        ),
+    ] = 4,
+) -> None:
+    """Serve a local Graph-compatible mail server for tests, staging and load runs."""
+    from syncctl.fakegraph import FakeGraphServer, parse_mailboxes, serve
+
+    for name, rate in (
+        ("--throttle-rate", throttle_rate),
+        ("--error-rate", error_rate),
+        ("--hang", hang),
+    ):
+        if not 0.0 <= rate <= 1.0:
+            raise BadInput(f"{name} is a share of requests from 0 to 1, not {rate}.")
+    if not 0 <= port <= 65535:
+        raise BadInput(f"--port must be from 0 to 65535, not {port}.")
+    if retry_after < 0 or latency < 0 or max_in_flight < 0:
+        raise BadInput("--retry-after, --latency and --max-in-flight cannot be negative.")
+    server = FakeGraphServer(
+        parse_mailboxes(mailbox or []),
+        port=port,
+        seed=seed,
+        token=token,
+        throttle_rate=throttle_rate,
+        retry_after=retry_after,
+        error_rate=error_rate,
+        latency=latency,
+        hang=hang,
+        enforce_concurrency=max_in_flight or None,
+    )
+    try:
+        serve(server, announce=typer.echo)
+    except OSError as exc:
+        raise BadInput(
+            f"Cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another --port."
+        ) from None
 
 
 def main() -> None:

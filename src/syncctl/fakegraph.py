@@ -26,6 +26,7 @@ import random
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -635,6 +636,12 @@ class FakeGraphServer:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     fake: FakeGraphServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away mid-answer (a killed worker) is normal here.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
