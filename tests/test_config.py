@@ -93,3 +93,9 @@ def test_unparsable_url_is_bad_input_and_its_password_is_scrubbed() -> None:
     with pytest.raises(BadInput) as caught:
         resolve_database("postgresql://app:s3cret@[bad")
     assert "s3cret" not in caught.value.message
+
+
+def test_an_empty_password_is_not_shown_as_masked() -> None:
+    assert mask_url("postgresql://postgres:@/postgres?host=/tmp/pg") == (
+        "postgresql://postgres:@/postgres?host=/tmp/pg"
+    )

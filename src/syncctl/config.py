@@ -65,7 +65,7 @@ def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, for showing to a person."""
     if "://" in url:
         # Edit the text rather than re-assemble it, so the URL keeps its exact form.
-        url = re.sub(r"^([a-z]+://[^:/@?]*):[^@/?]*@", r"\1:***@", url)
+        url = re.sub(r"^([a-z]+://[^:/@?]*):[^@/?]+@", r"\1:***@", url)
         return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
     try:
         params = conninfo_to_dict(url)

@@ -7,6 +7,7 @@ and is left running so later commands reuse it.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 from syncctl.errors import DatabaseUnavailable
@@ -17,7 +18,10 @@ log = logging.getLogger(__name__)
 def embedded_database_url(home: Path) -> str:
     """Start (or find running) the embedded server under home; return its URL."""
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # pgserver asks platformdirs for a runtime folder it does not need here.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            import pgserver
     except ImportError:  # pragma: no cover - pgserver is a dependency
         raise DatabaseUnavailable(
             "No database is configured and the embedded one is not installed; "
@@ -26,8 +30,10 @@ def embedded_database_url(home: Path) -> str:
     pgdata = home / "pgdata"
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        # cleanup_mode=None: keep the server running after this process exits.
-        server = pgserver.get_server(pgdata, cleanup_mode=None)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            # cleanup_mode=None: keep the server running after this process exits.
+            server = pgserver.get_server(pgdata, cleanup_mode=None)
     except Exception as exc:
         raise DatabaseUnavailable(
             f"Could not start the embedded PostgreSQL in {pgdata} ({exc}); "
