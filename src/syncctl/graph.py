@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import psycopg
 
-from syncctl import __version__
+from syncctl import __version__, metrics
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connect, query
 from syncctl.errors import BadInput, DatabaseUnavailable
@@ -577,16 +577,19 @@ class GraphMailSource:
                 reply = self._send_authorized(mailbox, url, params, headers)
             except _Transient as exc:
                 problem = str(exc)
-                wait = self._backoff(attempt)
+                wait, reason = self._backoff(attempt), "backoff"
             else:
                 if 200 <= reply.status < 300:
                     return reply
                 problem = _describe(reply)
                 if reply.status in (429, 503, 504):
                     after = self._retry_after(reply)
-                    wait = self._backoff(attempt) if after is None else after
+                    if after is None:
+                        wait, reason = self._backoff(attempt), "backoff"
+                    else:
+                        wait, reason = after, "retry_after"
                 elif reply.status >= 500 or reply.status == 408:
-                    wait = self._backoff(attempt)
+                    wait, reason = self._backoff(attempt), "backoff"
                 else:
                     raise self._refusal(mailbox, reply)
             if attempt == tries:
@@ -599,6 +602,7 @@ class GraphMailSource:
                 tries,
                 wait,
             )
+            metrics.GRAPH_THROTTLE_WAIT.labels(reason=reason).inc(wait)
             self._sleep(wait)
         raise MailSourceError(
             f"Graph request for mailbox {mailbox} gave up after {tries} "
@@ -666,19 +670,24 @@ class GraphMailSource:
                     for piece in answer.iter_bytes():
                         body += piece
                         if time.monotonic() > deadline:
+                            metrics.count_graph_request(None)
                             raise _Transient(
                                 f"the answer took longer than {self.settings.request_deadline:g}s"
                             )
+                    metrics.count_graph_request(answer.status_code)
                     return _Reply(answer.status_code, answer.headers, bytes(body))
         except httpx.ConnectTimeout:
+            metrics.count_graph_request(None)
             raise _Transient(
                 f"connecting timed out after {self.settings.connect_timeout:g}s"
             ) from None
         except httpx.TimeoutException:
+            metrics.count_graph_request(None)
             raise _Transient(
                 f"no answer within the {self.settings.read_timeout:g}s read timeout"
             ) from None
         except httpx.RequestError as exc:
+            metrics.count_graph_request(None)
             raise _Transient(
                 f"connection failed ({type(exc).__name__}: {self._scrub(str(exc))})"
             ) from None

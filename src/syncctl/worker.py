@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, MutableMapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -28,6 +28,7 @@ from typing import Any
 
 import psycopg
 
+from syncctl import metrics
 from syncctl.config import DatabaseTarget, scrub_secrets
 from syncctl.db import Connection, connect, query
 from syncctl.errors import DatabaseUnavailable
@@ -66,6 +67,7 @@ class WorkerOptions:
     poll_only: bool = False  # no LISTEN (for PgBouncer transaction pooling)
     poll_interval: timedelta = timedelta(seconds=5)
     retry_base: timedelta = timedelta(seconds=5)  # backoff base passed to finish_chunk
+    metrics_port: int | None = None  # serve Prometheus metrics on every interface at this port
 
 
 def run_worker(
@@ -77,7 +79,14 @@ def run_worker(
 ) -> int:
     """Run until stopped (SIGTERM/SIGINT or `stop` set) or, with drain, until drained.
     Returns the exit code: 0, or 1 when drain is set and a chunk this worker ran ended `failed`."""
-    return Worker(target, source, options, stop=stop).run()
+    worker = Worker(target, source, options, stop=stop)
+    # Served before the first connection, so a port already taken fails the start.
+    with (
+        metrics.metrics_served(options.metrics_port)
+        if options.metrics_port is not None
+        else nullcontext()
+    ):
+        return worker.run()
 
 
 def default_worker_id() -> str:
@@ -300,8 +309,10 @@ class Worker:
     def _claim_and_run(self, conn: Connection) -> None:
         with self._wakeup:
             seen = self._generation
-        chunk = claim_next_chunk(conn, worker_id=self.worker_id, lease=self.options.lease)
+        with metrics.CLAIM_LATENCY.time():
+            chunk = claim_next_chunk(conn, worker_id=self.worker_id, lease=self.options.lease)
         if chunk is not None:
+            metrics.CHUNKS_CLAIMED.inc()
             self._run_chunk(conn, chunk)
             return
         if self.options.drain and not self._holds_any() and not queue_has_work(conn):
@@ -361,6 +372,7 @@ class Worker:
                 window = Window(context["sync_from"], context["sync_to"])
                 finished = self._read_chunk(conn, held, context["email"], window)
             except LeaseLost:
+                metrics.LEASE_LOSSES.inc()
                 chunk_log.warning("the chunk was taken away (reaped, cancelled or reset); dropped")
                 return
             except MailSourceError as exc:
@@ -414,6 +426,7 @@ class Worker:
                 checkpoint={"next_link": page.next_link, "read": read},
                 lease=self.options.lease,
             )
+            metrics.MESSAGES_SYNCED.inc(len(messages))
             next_link = page.next_link
             at_end = next_link is None
         return True
@@ -425,12 +438,15 @@ class Worker:
         held.finishing = True
         status = finish_chunk(conn, chunk, outcome, error=error, retry_base=self.options.retry_base)
         if status is None:
+            metrics.LEASE_LOSSES.inc()
             chunk_log.warning("the chunk was taken away before it could be marked %s", outcome)
         elif status == "failed":
+            metrics.CHUNKS_FAILED.inc()
             with self._held_lock:
                 self._failed_chunks += 1
             chunk_log.error("failed after attempt %d: %s", chunk.attempts, error)
         elif outcome == "error":
+            metrics.CHUNKS_RETRIED.inc()
             chunk_log.warning(
                 "attempt %d of %d failed, will retry after a backoff: %s",
                 chunk.attempts,
@@ -438,8 +454,10 @@ class Worker:
                 error,
             )
         elif outcome == "released":
+            metrics.CHUNKS_RELEASED.inc()
             chunk_log.info("handed back to the queue on shutdown")
         else:
+            metrics.CHUNKS_COMPLETED.inc()
             chunk_log.info("completed")
 
     def _chunk_log(self, chunk: Chunk, *, store: str) -> _ChunkLog:
@@ -458,11 +476,14 @@ class Worker:
         held = _HeldChunk(chunk, chunk_log)
         with self._held_lock:
             self._held[chunk.id] = held
+        metrics.CHUNKS_IN_PROGRESS.inc()
         return held
 
     def _unhold(self, chunk: Chunk) -> None:
         with self._held_lock:
-            self._held.pop(chunk.id, None)
+            held = self._held.pop(chunk.id, None)
+        if held is not None:
+            metrics.CHUNKS_IN_PROGRESS.dec()
 
     def _holds_any(self) -> bool:
         with self._held_lock:
@@ -512,19 +533,28 @@ class Worker:
         reaped = reap(conn)
         if not reaped:
             return
+        metrics.CHUNKS_REAPED.inc(len(reaped))
         rows = conn.execute(
             query("stores_of_chunks"), {"chunk_ids": [r.chunk_id for r in reaped]}
         ).fetchall()
         stores = {row["id"]: row["email"] for row in rows}
         for r in reaped:
+            store = stores.get(r.chunk_id, "?")
             log.warning(
                 "job %s chunk %d store %s worker %s: reaped, lease expired at %s; now %s",
                 r.job_id,
                 r.chunk_index,
-                stores.get(r.chunk_id, "?"),
+                store,
                 r.worker_id,
                 r.lease_expires_at,
                 r.new_status,
+                # The worker is the one whose lease expired, as in the text.
+                extra={
+                    "job_id": str(r.job_id),
+                    "chunk_index": r.chunk_index,
+                    "store": store,
+                    "worker_id": r.worker_id,
+                },
             )
 
     # -- wake-ups ----------------------------------------------------------
