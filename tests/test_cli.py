@@ -775,6 +775,7 @@ PUBLIC_COMMANDS = {
     "problem-stores",
     "cleanup",
     "dev fake-graph",
+    "demo",
 }
 
 

@@ -1,19 +1,23 @@
 -- report_jobs --
--- Jobs with their chunk progress: the one named, else the active ones and the most recent others.
+-- Jobs with their progress: the ones named in job_ids, the active ones when active is true,
+-- and the `recent` most recent others. Stuck chunks (processing since before now - stuck_after,
+-- or past their lease, as report_stuck_chunks) and retried attempts (cut short by an error or a
+-- lost lease with attempts left) are what `status --watch` highlights; sampled_at is the
+-- database's clock, which rates are measured against.
 WITH shown AS (
     SELECT id FROM sync_queue
-     WHERE %(job_id)s::uuid IS NULL AND status IN ('pending', 'processing')
+     WHERE %(active)s AND status IN ('pending', 'processing')
     UNION
     (SELECT id FROM sync_queue
-      WHERE %(job_id)s::uuid IS NULL
       ORDER BY created_at DESC
       LIMIT %(recent)s)
     UNION
-    SELECT id FROM sync_queue WHERE id = %(job_id)s::uuid
+    SELECT id FROM sync_queue WHERE id = ANY(%(job_ids)s::uuid[])
 )
 SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q.priority,
        p.chunks_done, p.chunks_failed, p.total_chunks, p.emails_synced, q.estimated_emails,
-       q.created_at, q.started_at, q.completed_at, q.last_error
+       r.retried, p.stuck_chunks, q.created_at, q.started_at, q.completed_at, q.last_error,
+       now() AS sampled_at
   FROM shown
   JOIN sync_queue q ON q.id = shown.id
   LEFT JOIN stores s ON s.id = q.store_id
@@ -21,9 +25,28 @@ SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q
        SELECT count(*) FILTER (WHERE c.status = 'completed') AS chunks_done,
               count(*) FILTER (WHERE c.status = 'failed') AS chunks_failed,
               count(*) AS total_chunks,
-              coalesce(sum(c.emails_synced), 0) AS emails_synced
+              coalesce(sum(c.emails_synced), 0) AS emails_synced,
+              coalesce(jsonb_agg(jsonb_build_object(
+                           'chunk_index', c.chunk_index,
+                           'worker_id', c.worker_id,
+                           'started_at', c.started_at,
+                           'lease_expires_at', c.lease_expires_at,
+                           'reason', CASE WHEN c.lease_expires_at < now() THEN 'lease expired'
+                                          ELSE 'processing too long' END)
+                           ORDER BY c.chunk_index)
+                       FILTER (WHERE c.status = 'processing'
+                                 AND (c.started_at < now() - %(stuck_after)s
+                                      OR c.lease_expires_at < now())),
+                       '[]') AS stuck_chunks
          FROM chunked_sync_jobs c
         WHERE c.parent_sync_job_id = q.id) AS p
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS retried
+         FROM chunk_attempts a
+         JOIN chunked_sync_jobs c ON c.id = a.chunk_id
+        WHERE c.parent_sync_job_id = q.id
+          AND (a.outcome = 'retrying' OR (a.outcome = 'reaped' AND a.attempt < c.max_attempts))
+       ) AS r
  ORDER BY q.status IN ('pending', 'processing') DESC, q.created_at DESC, q.id;
 
 -- report_job --

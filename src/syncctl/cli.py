@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 import traceback
 from collections.abc import Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -27,7 +26,7 @@ import psycopg.errors
 import typer
 from typer.core import TyperGroup
 
-from syncctl import __version__, jobs, operations, output, queue, reports
+from syncctl import __version__, jobs, operations, output, progress, queue, reports
 from syncctl.config import DatabaseTarget, resolve_database, scrub_secrets
 from syncctl.db import Connection, connection
 from syncctl.durations import format_duration, parse_date, parse_duration
@@ -165,6 +164,10 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+# What the worker attaches (logging's `extra`) to every line about a chunk.
+_CHUNK_LOG_KEYS = ("job_id", "chunk_index", "total_chunks", "store", "worker_id")
+
+
 class _JsonLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
@@ -173,9 +176,11 @@ class _JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # Keys of their own, so log shippers can filter by job, chunk, store or worker.
+        line.update({key: getattr(record, key) for key in _CHUNK_LOG_KEYS if hasattr(record, key)})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
+        return json.dumps(line, default=str)
 
 
 def _configure_logging(*, verbose: bool, log_format: LogFormat) -> None:
@@ -494,11 +499,21 @@ def run(
     poll_only: Annotated[
         bool, typer.Option("--poll-only", help="Poll for work instead of LISTEN/NOTIFY.")
     ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve Prometheus metrics at http://0.0.0.0:PORT/metrics (every interface).",
+            show_default=False,
+        ),
+    ] = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run a worker: claim chunks and sync them into the emails table."""
     if concurrency < 1:
         raise BadInput(f"--concurrency must be at least 1, not {concurrency}.")
+    if metrics_port is not None and not 1 <= metrics_port <= 65535:
+        raise BadInput(f"--metrics-port must be from 1 to 65535, not {metrics_port}.")
     lease_for = parse_duration(lease, option="--lease")
     if lease_for < _MIN_LEASE:
         raise BadInput(
@@ -518,6 +533,7 @@ def run(
         worker_id=worker_id.strip() if worker_id else None,
         drain=drain,
         poll_only=poll_only,
+        metrics_port=metrics_port,
     )
     try:
         code = run_worker(target, source, options)
@@ -585,7 +601,7 @@ def status(
         raise BadInput("--watch draws progress bars; leave it out to get --json.")
     with _connect(database_url) as conn:
         if watch:
-            _watch(conn, job_id)
+            progress.watch(conn, job_id=job_id, interval=_WATCH_INTERVAL)
         elif job_id is None:
             _show_jobs(reports.jobs(conn, recent=_RECENT_JOBS), as_json=as_json)
         else:
@@ -668,30 +684,6 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
 
 def _seconds(milliseconds: int | None) -> str:
     return "" if milliseconds is None else f"{milliseconds / 1000:.1f}s"
-
-
-def _watch(conn: Connection, job_id: UUID | None) -> None:
-    """Redraw progress until none of the jobs shown is pending or processing."""
-    with output.progress_board() as board:
-        while True:
-            rows = (
-                [reports.job_progress(conn, job_id)]
-                if job_id
-                else reports.jobs(conn, recent=_RECENT_JOBS)
-            )
-            for row in rows:
-                board.show(
-                    str(row["job_id"]),
-                    label=f"{row['store_email']} {str(row['job_id'])[:8]} {row['status']}",
-                    done=row["chunks_done"] + row["chunks_failed"],
-                    total=row["total_chunks"],
-                    detail=f"{row['emails_synced']}/{row['estimated_emails'] or 0} messages",
-                )
-            if not rows:
-                output.message("No jobs yet; create one with `syncctl create`.")
-            if not any(row["status"] in reports.ACTIVE for row in rows):
-                return
-            time.sleep(_WATCH_INTERVAL)
 
 
 # runbook: stuck chunks
@@ -1036,6 +1028,59 @@ def dev_fake_graph(
         raise BadInput(
             f"Cannot listen on 127.0.0.1:{port} ({exc.strerror}); pick another --port."
         ) from None
+
+
+@app.command()
+def demo(
+    *,
+    reset: Annotated[
+        bool,
+        typer.Option(
+            "--reset",
+            help="First delete the demo's sample stores with their jobs and mail (nothing else).",
+        ),
+    ] = False,
+    keep_running: Annotated[
+        bool,
+        typer.Option(
+            "--keep-running", help="After the report, keep the sample server up until Ctrl-C."
+        ),
+    ] = False,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            help="Run the demo in this database. Default: the embedded one under SYNCCTL_HOME, "
+            "never SYNCCTL_DATABASE_URL or DATABASE_URL.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """The whole system on this machine: a database, sample mailboxes, workers, progress, report."""
+    # Imported here: only the demo needs the sample server and worker processes.
+    from syncctl import demo as tour
+
+    target = tour.demo_database(database_url)
+    _database_url.set(target.url)
+    tour.run_demo(target, reset=reset, keep_running=keep_running, show_reports=_demo_reports)
+
+
+def _demo_reports(target: DatabaseTarget, since: str) -> None:
+    """The demo's closing report: what `status`, `success-rate` and `problem-stores` print."""
+    reports_shown: list[tuple[str, Any]] = [
+        ("status", lambda: status(database_url=target.url)),
+        (
+            f"success-rate --since {since}",
+            lambda: success_rate(since=since, database_url=target.url),
+        ),
+        (
+            f"problem-stores --since {since}",
+            lambda: problem_stores(since=since, database_url=target.url),
+        ),
+    ]
+    for command, show in reports_shown:
+        output.message(f"\n$ syncctl {command}")
+        show()
 
 
 def main() -> None:

@@ -172,6 +172,10 @@ class _Mailbox:
     name: str
     count: int
     step: int  # seconds between consecutive messages' received slots
+    # This mailbox's own fault settings; None: the server's.
+    throttle_rate: float | None = None
+    retry_after: float | None = None
+    latency: float | None = None
 
 
 class FakeGraphServer:
@@ -184,7 +188,8 @@ class FakeGraphServer:
     latency (seconds added to each request), hang (share of requests never
     answered; True for all), enforce_concurrency (a mailbox's request beyond
     this many in flight gets 429 MailboxConcurrency, as Graph does; None: no
-    limit).
+    limit). add_mailbox can give one mailbox its own throttle_rate,
+    retry_after and latency.
     """
 
     def __init__(
@@ -281,12 +286,26 @@ class FakeGraphServer:
 
     # -- mailboxes -------------------------------------------------------
 
-    def add_mailbox(self, email: str, count: int) -> None:
+    def add_mailbox(
+        self,
+        email: str,
+        count: int,
+        *,
+        throttle_rate: float | None = None,
+        retry_after: float | None = None,
+        latency: float | None = None,
+    ) -> None:
+        """Serve a mailbox of count messages; the fault settings given apply to
+        its requests instead of the server's (one mailbox can throttle hard)."""
         if count < 0:
             raise ValueError(f"a mailbox cannot hold {count} messages")
         step = max(1, min(MAX_STEP, int(RECEIVED_SPAN.total_seconds()) // max(count, 1)))
         key = email.strip().lower()
-        self._mailboxes[key] = _Mailbox(key, count, step)
+        self._mailboxes[key] = _Mailbox(key, count, step, throttle_rate, retry_after, latency)
+
+    def remove_mailbox(self, email: str) -> None:
+        """The mailbox is gone (a deleted user): its requests get 404 ErrorInvalidUser."""
+        del self._mailboxes[email.strip().lower()]
 
     def deliver(self, email: str, count: int) -> None:
         """New mail arrives: count more messages, received after all the others."""
@@ -422,18 +441,21 @@ class FakeGraphServer:
                 "Access token validation failure. Invalid audience.",
                 headers={"WWW-Authenticate": 'Bearer realm="", error="invalid_token"'},
             )
+        mailbox = self._mailboxes.get(match["mailbox"].strip().lower()) if match else None
+        retry_after = _own(mailbox, "retry_after", self.retry_after)
         if self.enforce_concurrency is not None and in_flight > self.enforce_concurrency:
             return _error(
                 429,
                 "ApplicationThrottled",
                 "Application is over its MailboxConcurrency limit.",
-                headers={"Retry-After": _seconds(self.retry_after)},
+                headers={"Retry-After": _seconds(retry_after)},
             )
-        fault = self._next_fault()
+        fault = self._next_fault(_own(mailbox, "throttle_rate", self.throttle_rate), retry_after)
         if fault is not None:
             return fault
-        if self.latency:
-            self._stopping.wait(self.latency)
+        latency = _own(mailbox, "latency", self.latency)
+        if latency:
+            self._stopping.wait(latency)
         return self._route(match, query)
 
     def _route(self, match: re.Match[str] | None, query: dict[str, str]) -> _Answer:
@@ -451,19 +473,19 @@ class FakeGraphServer:
         except _BadQuery as exc:
             return _error(400, exc.code, str(exc))
 
-    def _next_fault(self) -> _Answer | None:
+    def _next_fault(self, throttle_rate: float, retry_after: float) -> _Answer | None:
         """A fault queued by fail_next, else one drawn at the configured rates, else None."""
         with self._lock:
             if self._faults:
                 return _fault_answer(self._faults.popleft())
             if self._random.random() < self.hang:
                 return _Answer(0, b"", hang=True)
-            if self._random.random() < self.throttle_rate:
+            if self._random.random() < throttle_rate:
                 return _error(
                     429,
                     "TooManyRequests",
                     "Please retry again later.",
-                    headers={"Retry-After": _seconds(self.retry_after)},
+                    headers={"Retry-After": _seconds(retry_after)},
                 )
             if self._random.random() < self.error_rate:
                 status = self._random.choice((500, 502, 503, 504))
@@ -706,6 +728,12 @@ def _error(
         }
     }
     return _Answer(status, _json(body), headers=headers or {}, error_code=code)
+
+
+def _own(mailbox: _Mailbox | None, setting: str, default: float) -> float:
+    """The mailbox's own value of a fault setting, else the server's."""
+    value: float | None = getattr(mailbox, setting, None)
+    return default if value is None else value
 
 
 def _fault_answer(fault: _Fault) -> _Answer:

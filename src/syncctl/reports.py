@@ -6,6 +6,7 @@ with their fixed intervals turned into parameters.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -17,6 +18,8 @@ from syncctl.migrate import AppliedMigration, applied_migrations, pending_migrat
 from syncctl.operations import unknown_job
 
 ACTIVE = ("pending", "processing")
+# A chunk processing for longer than this is stuck (the runbook's threshold).
+STUCK_AFTER = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,38 @@ class DatabaseStatus:
 
 def jobs(conn: Connection, *, recent: int = 20) -> list[dict[str, Any]]:
     """Active jobs and the `recent` most recent others, with chunk and message counts."""
-    return conn.execute(query("report_jobs"), {"job_id": None, "recent": recent}).fetchall()
+    return job_rows(conn, active=True, recent=recent)
 
 
 def job_progress(conn: Connection, job_id: UUID) -> dict[str, Any]:
     """One job's row of `jobs`."""
-    row = conn.execute(query("report_jobs"), {"job_id": job_id, "recent": 0}).fetchone()
-    if row is None:
+    rows = job_rows(conn, job_ids=[job_id])
+    if not rows:
         raise unknown_job(job_id)
-    return row
+    return rows[0]
+
+
+def job_rows(
+    conn: Connection,
+    *,
+    job_ids: Collection[UUID] = (),
+    active: bool = False,
+    recent: int = 0,
+    stuck_after: timedelta = STUCK_AFTER,
+) -> list[dict[str, Any]]:
+    """The jobs named, the active ones (when active) and the `recent` most recent others,
+    each with its progress: chunks done and failed, messages synced of estimated, retried
+    attempts, and its stuck chunks (processing for over stuck_after, or past the lease)
+    under "stuck_chunks"; "sampled_at" is the database's clock when they were counted."""
+    return conn.execute(
+        query("report_jobs"),
+        {
+            "job_ids": list(job_ids),
+            "active": active,
+            "recent": recent,
+            "stuck_after": stuck_after,
+        },
+    ).fetchall()
 
 
 def job_report(conn: Connection, job_id: UUID) -> JobReport:
