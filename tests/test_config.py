@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import stop_embedded_server
 from syncctl.config import EMBEDDED, mask_url, resolve_database, scrub_secrets, syncctl_home
 from syncctl.errors import BadInput
 
@@ -84,9 +85,7 @@ def test_embedded_database_is_started_under_syncctl_home_and_reused(
             assert conn.execute("SELECT pg_postmaster_start_time()").fetchone() == pid
         assert (tmp_path / "home" / "pgdata" / "PG_VERSION").exists()
     finally:
-        import pgserver
-
-        pgserver.get_server(tmp_path / "home" / "pgdata", cleanup_mode="stop").cleanup()
+        stop_embedded_server(tmp_path / "home" / "pgdata")
 
 
 def test_unparsable_url_is_bad_input_and_its_password_is_scrubbed() -> None:

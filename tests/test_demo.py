@@ -4,10 +4,8 @@ server's per-mailbox faults over real HTTP, and the whole demo run as a new user
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import syncctl.embedded
+from helpers import stop_embedded_server
 from syncctl import demo, jobs, queue
 from syncctl.config import EMBEDDED
 from syncctl.db import Connection
@@ -191,13 +190,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "home"
     home.mkdir()
     yield home
-    postmaster = home / "pgdata" / "postmaster.pid"
-    if postmaster.exists():
-        pid = int(postmaster.read_text().split()[0])
-        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and postmaster.exists():
-            time.sleep(0.1)
+    stop_embedded_server(home / "pgdata")
 
 
 def run_demo(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

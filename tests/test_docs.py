@@ -19,4 +19,3 @@ def test_every_command_appears_in_the_readme() -> None:
         if path not in documented and not any(d.startswith(path + " ") for d in documented)
     ]
     assert not missing, f"commands missing from README.md: {missing}"
-

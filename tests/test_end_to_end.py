@@ -8,13 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from helpers import wait_for
 from syncctl.fakegraph import FakeGraphServer
 
 SIZES = {
@@ -53,15 +54,6 @@ def start_worker(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -139,7 +131,7 @@ def test_killed_worker_chunk_is_finished_by_another_from_its_checkpoint(
             checkpoint = row["checkpoint"] if row else None
             return int(checkpoint["read"]) if checkpoint else 0
 
-        wait_until(lambda: pages_written() >= 2000, timeout=120, what="two pages written")
+        wait_for(lambda: pages_written() >= 2000, timeout=120, what="two pages written")
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         killed_at = time.monotonic()

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
+from helpers import WAIT, wait_for
 from syncctl.errors import BadInput
 from syncctl.fakegraph import FakeGraphServer, parse_mailboxes, serve
 
 TOKEN = "fake-token-for-tests"  # noqa: S105 - the fake server's made-up token
 MAILBOX = "megan@contoso.com"
-WAIT = 30.0
-
-
-def wait_for(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture

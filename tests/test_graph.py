@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -14,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from helpers import WAIT, wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
@@ -40,15 +40,6 @@ TOKEN = "graph-token-5f1c2e9a"  # noqa: S105
 CLIENT_SECRET = "client-secret-0b7d44"  # noqa: S105
 MAILBOX = "megan@contoso.com"
 WHOLE = Window(None, None)
-WAIT = 30.0
-
-
-def wait_for(condition: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def fast(server: FakeGraphServer, **changes: Any) -> GraphSettings:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from fakes import FakeMailSource, FetchCall
+from helpers import WAIT, wait_for
 from syncctl import cli
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
@@ -30,9 +31,8 @@ from syncctl.metrics import metrics_served
 from syncctl.operations import cancel_job
 from syncctl.queue import claim_chunk
 from syncctl.worker import WorkerOptions, run_worker
-from test_worker import chunks, job_status, new_job, wait_for
+from test_worker import chunks, job_status, new_job
 
-WAIT = 30.0
 TOKEN = "graph-token-metrics-7c1d"  # noqa: S105
 # A lease far longer than any test: no lease runs out unless a test makes it.
 OPTIONS = WorkerOptions(

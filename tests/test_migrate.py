@@ -5,8 +5,7 @@ runbook SQL still runs unchanged."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +15,7 @@ from uuid import UUID
 import pytest
 
 import syncctl.migrate
+from helpers import wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connect
 from syncctl.migrate import (
@@ -56,14 +56,6 @@ def run_runbook(conn: Connection, name: str) -> tuple[list[dict[str, Any]], int]
     cursor = run_sql_file(conn, DATA / "runbook" / f"{name}.sql")
     rows = cursor.fetchall() if cursor.description else []
     return rows, cursor.rowcount
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.02)
 
 
 def schema_fingerprint(conn: Connection) -> list[Any]:
@@ -209,7 +201,7 @@ def test_two_hosts_migrating_at_once_apply_each_file_once(empty_database_url: st
         threads = [threading.Thread(target=host, args=(n,)) for n in range(2)]
         for thread in threads:
             thread.start()
-        wait_until(
+        wait_for(
             lambda: (
                 holder.execute(
                     "SELECT count(*) AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database"

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from helpers import wait_for
 from syncctl.db import Connection
 from syncctl.errors import BadInput
 from syncctl.ingest import LeaseLost, write_page
@@ -97,18 +98,10 @@ def attempts_of(conn: Connection, chunk_id: UUID) -> list[dict[str, Any]]:
     ).fetchall()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.01)
-
-
 def claim_expired(conn: Connection, worker: str) -> Chunk:
     """Claim with a lease that runs out at once, and wait (by the database clock) until it has."""
     chunk = must(claim(conn, worker, lease=BLINK))
-    wait_until(
+    wait_for(
         lambda: bool(
             must(
                 conn.execute(
@@ -263,7 +256,7 @@ def test_claim_waits_for_a_locked_head_chunk_rather_than_take_its_sibling(
         holder.execute("SELECT id FROM chunked_sync_jobs WHERE id = %s FOR UPDATE", [first_id])
         thread = threading.Thread(target=lambda: claimed.append(claim(claimer, "w1")))
         thread.start()
-        wait_until(
+        wait_for(
             lambda: (
                 must(
                     holder.execute(

@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -17,6 +16,7 @@ from uuid import UUID
 import pytest
 
 from fakes import FakeMailSource, FetchCall, message_id, received_at
+from helpers import WAIT, wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
 from syncctl.ingest import LeaseLost, write_page
@@ -25,8 +25,6 @@ from syncctl.mailsource import MailSourceError, Window
 from syncctl.operations import cancel_job
 from syncctl.queue import claim_chunk, finish_chunk, heartbeat, reap
 from syncctl.worker import Worker, WorkerOptions, run_worker
-
-WAIT = 30.0  # generous: a condition that holds is seen well before this
 
 # Tiny leases and backoffs keep every test fast.
 FAST = WorkerOptions(
@@ -39,14 +37,6 @@ FAST = WorkerOptions(
 
 def options(**changes: Any) -> WorkerOptions:
     return replace(FAST, **changes)
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 class RunningWorker:

@@ -1,4 +1,4 @@
-"""Showing results: tables (rich on a terminal, plain otherwise), JSON, messages, progress.
+"""Showing results: tables (rich on a terminal, plain otherwise), JSON, messages.
 
 Data goes to stdout, messages to stderr, so `syncctl ... --json | jq` and
 `syncctl ... > file` get data only.
@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +19,6 @@ from uuid import UUID
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 from tabulate import tabulate
@@ -137,33 +135,3 @@ def details(pairs: Mapping[str, Any], *, err: bool = False) -> None:
 def _console(stream: TextIO) -> Console:
     # NO_COLOR (https://no-color.org): present and not empty turns colour off.
     return Console(file=stream, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
-
-
-class ProgressBoard:
-    """Live progress bars, one per job, for `status --watch`."""
-
-    def __init__(self, progress: Progress) -> None:
-        self._progress = progress
-        self._tasks: dict[str, TaskID] = {}
-
-    def show(self, key: str, *, label: str, done: int, total: int, detail: str) -> None:
-        """Add or update the bar for key."""
-        if key not in self._tasks:
-            self._tasks[key] = self._progress.add_task(label, total=total, detail=detail)
-        self._progress.update(
-            self._tasks[key], description=label, completed=done, total=total, detail=detail
-        )
-
-
-@contextmanager
-def progress_board() -> Iterator[ProgressBoard]:
-    """Bars drawn on stdout while the block runs; the last state stays on screen."""
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=_console(sys.stdout),
-    )
-    with progress:
-        yield ProgressBoard(progress)
