@@ -110,7 +110,12 @@ def test_json_logs_are_one_object_a_line_with_chunk_keys_and_no_secrets(
     assert "403" in failed["message"]
     # -v shows which database is used, with its password masked.
     assert any("postgres:***@" in line["message"] for line in lines if line["level"] == "debug")
-    assert any("503" in line["message"] for line in lines if line["logger"] == "syncctl.graph")
+    # The Graph client's retry line, logged below the worker, names the chunk too.
+    [retry] = [
+        line for line in lines if line["logger"] == "syncctl.graph" and "503" in line["message"]
+    ]
+    assert retry["chunk_index"] == 1
+    assert retry["job_id"] == about_chunks[0]["job_id"]
     assert_no_secret(run)
 
 

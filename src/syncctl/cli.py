@@ -184,7 +184,10 @@ class _JsonLogFormatter(logging.Formatter):
 
 
 def _configure_logging(*, verbose: bool, log_format: LogFormat) -> None:
+    from syncctl.worker import ChunkContextFilter
+
     handler = _StderrHandler()
+    handler.addFilter(ChunkContextFilter())
     handler.setFormatter(
         _JsonLogFormatter()
         if log_format is LogFormat.json

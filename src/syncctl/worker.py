@@ -18,8 +18,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -105,6 +106,13 @@ class _HeldChunk:
         self.finishing = False
 
 
+def _chunk_prefix(fields: Mapping[str, Any]) -> str:
+    return (
+        f"job {fields['job_id']} chunk {fields['chunk_index']}/{fields['total_chunks']} "
+        f"store {fields['store']} worker {fields['worker_id']}"
+    )
+
+
 class _ChunkLog(logging.LoggerAdapter[logging.Logger]):
     """Prefixes every line with the chunk's job, index, store and worker."""
 
@@ -112,12 +120,24 @@ class _ChunkLog(logging.LoggerAdapter[logging.Logger]):
         self, msg: Any, kwargs: MutableMapping[str, Any]
     ) -> tuple[Any, MutableMapping[str, Any]]:
         extra = self.extra or {}
-        prefix = (
-            f"job {extra['job_id']} chunk {extra['chunk_index']}/{extra['total_chunks']} "
-            f"store {extra['store']} worker {extra['worker_id']}"
-        )
         kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
-        return f"{prefix}: {msg}", kwargs
+        return f"{_chunk_prefix(extra)}: {msg}", kwargs
+
+
+# The chunk the current slot thread is running, for lines logged below the
+# worker (the Graph client's retries) that know only the mailbox.
+_current_chunk: ContextVar[Mapping[str, Any] | None] = ContextVar("syncctl_chunk", default=None)
+
+
+class ChunkContextFilter(logging.Filter):
+    """Gives a line logged while a chunk runs the chunk's fields, as the worker's own lines have."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        fields = _current_chunk.get()
+        if fields is not None and not hasattr(record, "job_id"):
+            record.__dict__.update(fields)
+            record.msg = f"{_chunk_prefix(fields)}: {record.msg}"
+        return True
 
 
 class Worker:
@@ -281,7 +301,8 @@ class Worker:
 
     def _slot(self, role: str, conn: Connection | None) -> None:
         try:
-            while not self._halt.is_set():
+            # A caller's stop is seen at once, not only at the run loop's next check.
+            while not (self._halt.is_set() or self._stop.is_set()):
                 if conn is None:
                     conn = self._reconnect(role, until=self._halt)
                     if conn is None:
@@ -361,6 +382,7 @@ class Worker:
                         f"store {chunk.store_id} has no email address", permanent=True
                     )
                 chunk_log = held.log = self._chunk_log(chunk, store=context["email"])
+                _current_chunk.set(chunk_log.extra)
                 chunk_log.info(
                     "claimed, attempt %d of %d%s",
                     chunk.attempts,
@@ -391,6 +413,7 @@ class Worker:
                 return
             self._finish(conn, held, "completed" if finished else "released")
         finally:
+            _current_chunk.set(None)
             self._unhold(chunk)
 
     def _read_chunk(self, conn: Connection, held: _HeldChunk, mailbox: str, window: Window) -> bool:
