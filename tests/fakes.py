@@ -149,3 +149,19 @@ def _message(mailbox: str, index: int) -> Message:
         from_address="sender@example.com",
         body=f"Body of message {index}",
     )
+
+
+@dataclass
+class CountOnly:
+    """A mail source that only counts: all that creating a job needs."""
+
+    messages: int = 2500
+    counts: dict[str, int] = field(default_factory=dict)  # per mailbox, else `messages`
+
+    def count(self, mailbox: str, window: Window) -> int:
+        return self.counts.get(mailbox, self.messages)
+
+    def fetch_page(
+        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
+    ) -> Page:
+        raise AssertionError("these tests never fetch mail")

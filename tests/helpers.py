@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from syncctl.config import DatabaseTarget
+from syncctl.mailsource import MailSource
+from syncctl.worker import Worker, WorkerOptions
 
 # Generous: a condition that holds is seen well before this.
 WAIT = 30.0
@@ -34,3 +39,36 @@ def stop_embedded_server(pgdata: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and postmaster.exists():
         time.sleep(0.1)
+
+
+class WorkerThread:
+    """A Worker run in a thread, as one process among several would be; `stop`
+    stands for SIGTERM."""
+
+    def __init__(self, target: DatabaseTarget, source: MailSource, options: WorkerOptions):
+        self.stop = threading.Event()
+        self.worker = Worker(target, source, options, stop=self.stop)
+        self.result: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result = self.worker.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = WAIT) -> int:
+        """Wait for the worker to exit by itself (drained); its exit code."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the worker did not exit"
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def finish(self) -> int:
+        """Stop the worker as SIGTERM would; its exit code."""
+        self.stop.set()
+        return self.join()

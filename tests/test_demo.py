@@ -18,6 +18,7 @@ import pytest
 from psycopg.rows import dict_row
 
 import syncctl.embedded
+from fakes import CountOnly
 from helpers import stop_embedded_server
 from syncctl import demo, jobs, queue
 from syncctl.config import EMBEDDED
@@ -25,29 +26,17 @@ from syncctl.db import Connection
 from syncctl.errors import BadInput
 from syncctl.fakegraph import FakeGraphServer
 from syncctl.ingest import write_page
-from syncctl.mailsource import Message, Page, Window
+from syncctl.mailsource import Message
 
 LEASE = timedelta(seconds=60)
 DEMO_EMAIL = f"archive{demo.DEMO_SUFFIX}"
 OTHER_EMAIL = "ann@example.com"
 
 
-class CountOnly:
-    """A mail source that only counts: all that creating a job needs."""
-
-    def count(self, mailbox: str, window: Window) -> int:
-        return 1000
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("these tests never fetch mail")
-
-
 def store_with_mail(conn: Connection, email: str) -> UUID:
     """A store with a job whose first chunk wrote two messages; returns the job id."""
     jobs.add_store(conn, name=email.split("@", maxsplit=1)[0], email=email)
-    job_id = jobs.create_job(conn, CountOnly(), store_ref=email, chunk_size=1000).job_id
+    job_id = jobs.create_job(conn, CountOnly(1000), store_ref=email, chunk_size=1000).job_id
     chunk = queue.claim_chunk(conn, worker_id="w1", lease=LEASE)
     assert chunk is not None
     assert chunk.parent_sync_job_id == job_id
@@ -94,7 +83,7 @@ def test_reset_deletes_the_demo_stores_with_their_jobs_and_mail_and_nothing_else
 
 def test_demo_refuses_a_database_where_other_jobs_are_active(conn: Connection) -> None:
     jobs.add_store(conn, name="ann", email=OTHER_EMAIL)
-    jobs.create_job(conn, CountOnly(), store_ref=OTHER_EMAIL)
+    jobs.create_job(conn, CountOnly(1000), store_ref=OTHER_EMAIL)
 
     with pytest.raises(BadInput, match=f"not the demo's .*{OTHER_EMAIL}.*--database-url"):
         demo.check_no_other_work(conn)
@@ -102,7 +91,7 @@ def test_demo_refuses_a_database_where_other_jobs_are_active(conn: Connection) -
 
 def test_demo_accepts_a_database_where_only_its_own_jobs_are_active(conn: Connection) -> None:
     jobs.add_store(conn, name="archive", email=DEMO_EMAIL)
-    jobs.create_job(conn, CountOnly(), store_ref=DEMO_EMAIL)
+    jobs.create_job(conn, CountOnly(1000), store_ref=DEMO_EMAIL)
 
     demo.check_no_other_work(conn)
 

@@ -9,29 +9,15 @@ from typing import Any
 import psycopg
 import pytest
 
+from fakes import CountOnly
 from syncctl.db import Connection
 from syncctl.ingest import LeaseLost, clean_json, clean_text, write_page
 from syncctl.jobs import add_store, create_job
-from syncctl.mailsource import Message, Page, Window
+from syncctl.mailsource import Message
 from syncctl.queue import Chunk, claim_chunk
 
 LEASE = timedelta(minutes=5)
 T0 = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
-
-
-class CountOnly:
-    """A mail source that only counts: enough to create a job."""
-
-    def __init__(self, messages: int) -> None:
-        self.messages = messages
-
-    def count(self, mailbox: str, window: Window) -> int:
-        return self.messages
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("not fetched in these tests")
 
 
 def claimed_chunk(conn: Connection, email: str = "ann@example.com") -> Chunk:

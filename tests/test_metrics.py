@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from fakes import FakeMailSource, FetchCall
-from helpers import WAIT, wait_for
+from helpers import WAIT, WorkerThread, wait_for
 from syncctl import cli
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
@@ -30,7 +30,7 @@ from syncctl.mailsource import MailSourceError, Window
 from syncctl.metrics import metrics_served
 from syncctl.operations import cancel_job
 from syncctl.queue import claim_chunk
-from syncctl.worker import WorkerOptions, run_worker
+from syncctl.worker import WorkerOptions
 from test_worker import chunks, job_status, new_job
 
 TOKEN = "graph-token-metrics-7c1d"  # noqa: S105
@@ -110,34 +110,6 @@ def metrics_port() -> Iterator[int]:
     """A metrics endpoint of the test's own, for tests whose worker serves none."""
     with metrics_served(0, address="127.0.0.1") as served:
         yield served.port
-
-
-class WorkerThread:
-    """run_worker in a thread, stopped by the test like SIGTERM would."""
-
-    def __init__(self, target: DatabaseTarget, source: FakeMailSource, options: WorkerOptions):
-        self.stop = threading.Event()
-        self.result: int | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(
-            target=self._run, args=(target, source, options), daemon=True
-        )
-        self.thread.start()
-
-    def _run(self, target: DatabaseTarget, source: FakeMailSource, options: WorkerOptions) -> None:
-        try:
-            self.result = run_worker(target, source, options, stop=self.stop)
-        except BaseException as exc:
-            self.error = exc
-
-    def finish(self) -> int:
-        self.stop.set()
-        self.thread.join(WAIT)
-        assert not self.thread.is_alive(), "the worker did not exit"
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
 
 
 @pytest.fixture

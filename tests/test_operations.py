@@ -2,35 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 
+from fakes import CountOnly
 from syncctl import jobs, operations, queue
 from syncctl.db import Connection
 from syncctl.errors import BadInput
-from syncctl.mailsource import Page, Window
 from syncctl.queue import Chunk
 
 LEASE = timedelta(seconds=60)
-
-
-@dataclass
-class CountOnly:
-    """A mail source that only counts: all that creating a job needs."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def count(self, mailbox: str, window: Window) -> int:
-        return self.counts.get(mailbox, 2500)
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("these tests never fetch mail")
 
 
 def new_job(
@@ -46,7 +30,7 @@ def new_job(
         jobs.add_store(conn, name=email.split("@", maxsplit=1)[0], email=email)
     created = jobs.create_job(
         conn,
-        CountOnly({email: messages}),
+        CountOnly(counts={email: messages}),
         store_ref=email,
         chunk_size=chunk_size,
         max_attempts=max_attempts,

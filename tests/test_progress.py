@@ -12,30 +12,15 @@ from uuid import UUID, uuid4
 import pytest
 from rich.console import Console
 
+from fakes import CountOnly
 from syncctl import jobs, progress, queue, reports
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connect
 from syncctl.errors import BadInput
-from syncctl.mailsource import Page, Window
 
 LEASE = timedelta(seconds=60)
 START = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 RED = "\x1b[1;31m"
-
-
-class CountOnly:
-    """A mail source that only counts: all that creating a job needs."""
-
-    def __init__(self, messages: int) -> None:
-        self.messages = messages
-
-    def count(self, mailbox: str, window: Window) -> int:
-        return self.messages
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("the progress view never fetches mail")
 
 
 def report_row(**changes: Any) -> dict[str, Any]:

@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
 
+from fakes import CountOnly
 from syncctl import jobs, queue, reports
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connection
 from syncctl.errors import BadInput
 from syncctl.ingest import write_page
-from syncctl.mailsource import Message, Page, Window
+from syncctl.mailsource import Message
 from syncctl.migrate import migration_files
 from syncctl.queue import Chunk
 
 LEASE = timedelta(seconds=60)
 DAY = timedelta(hours=24)
-
-
-@dataclass
-class CountOnly:
-    """A mail source that only counts: all that creating a job needs."""
-
-    messages: int
-
-    def count(self, mailbox: str, window: Window) -> int:
-        return self.messages
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("these tests never fetch mail")
 
 
 def new_job(conn: Connection, email: str, *, messages: int = 3000, max_attempts: int = 1) -> UUID:

@@ -16,7 +16,7 @@ from uuid import UUID
 import pytest
 
 from fakes import FakeMailSource, FetchCall, message_id, received_at
-from helpers import WAIT, wait_for
+from helpers import WAIT, WorkerThread, wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
 from syncctl.ingest import LeaseLost, write_page
@@ -24,7 +24,7 @@ from syncctl.jobs import add_store, create_job
 from syncctl.mailsource import MailSourceError, Window
 from syncctl.operations import cancel_job
 from syncctl.queue import claim_chunk, finish_chunk, heartbeat, reap
-from syncctl.worker import Worker, WorkerOptions, run_worker
+from syncctl.worker import WorkerOptions, run_worker
 
 # Tiny leases and backoffs keep every test fast.
 FAST = WorkerOptions(
@@ -39,39 +39,13 @@ def options(**changes: Any) -> WorkerOptions:
     return replace(FAST, **changes)
 
 
-class RunningWorker:
-    """A Worker run in a thread, as one process among several would be."""
-
-    def __init__(self, target: DatabaseTarget, source: FakeMailSource, opts: WorkerOptions):
-        self.stop = threading.Event()
-        self.worker = Worker(target, source, opts, stop=self.stop)
-        self.result: int | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.result = self.worker.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def join(self, timeout: float = WAIT) -> int:
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "the worker did not exit"
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
-
-
 @pytest.fixture
-def start_worker(target: DatabaseTarget) -> Iterator[Callable[..., RunningWorker]]:
+def start_worker(target: DatabaseTarget) -> Iterator[Callable[..., WorkerThread]]:
     """Start workers in threads; every one is stopped before the database is dropped."""
-    started: list[RunningWorker] = []
+    started: list[WorkerThread] = []
 
-    def start(source: FakeMailSource, opts: WorkerOptions = FAST) -> RunningWorker:
-        running = RunningWorker(target, source, opts)
+    def start(source: FakeMailSource, opts: WorkerOptions = FAST) -> WorkerThread:
+        running = WorkerThread(target, source, opts)
         started.append(running)
         return running
 
@@ -142,7 +116,7 @@ def test_racing_workers_never_run_two_chunks_of_one_job_at_once(
     workers: int,
     conn: Connection,
     make_conn: Callable[[], Connection],
-    start_worker: Callable[..., RunningWorker],
+    start_worker: Callable[..., WorkerThread],
 ) -> None:
     mailboxes = [f"racer{n}@example.com" for n in range(3)]
     # Three pages per chunk, each taking a moment, so overlapping chunks would overlap in time.
@@ -193,7 +167,7 @@ def test_racing_workers_never_run_two_chunks_of_one_job_at_once(
 
 
 def test_multi_chunk_job_stores_every_message_once_and_last_chunk_reads_to_window_end(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "window@example.com"
     source = FakeMailSource({mailbox: 1100}, max_page=35)
@@ -217,7 +191,7 @@ def test_multi_chunk_job_stores_every_message_once_and_last_chunk_reads_to_windo
 
 
 def test_killed_workers_chunk_is_reaped_and_resumed_from_its_checkpoint(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "crash@example.com"
     source = FakeMailSource({mailbox: 100}, max_page=10)
@@ -296,7 +270,7 @@ def test_zombie_workers_late_checkpoint_and_completion_are_refused(
 
 def test_chunk_taken_away_mid_page_is_abandoned_without_writing(
     conn: Connection,
-    start_worker: Callable[..., RunningWorker],
+    start_worker: Callable[..., WorkerThread],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="syncctl.worker")
@@ -331,7 +305,7 @@ def test_chunk_taken_away_mid_page_is_abandoned_without_writing(
 
 def test_transient_errors_retry_after_a_backoff_and_then_succeed(
     conn: Connection,
-    start_worker: Callable[..., RunningWorker],
+    start_worker: Callable[..., WorkerThread],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="syncctl.worker")
@@ -366,7 +340,7 @@ def test_transient_errors_retry_after_a_backoff_and_then_succeed(
 
 
 def test_attempts_running_out_leave_the_chunk_failed_with_its_last_error(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "down@example.com"
     source = FakeMailSource(
@@ -385,7 +359,7 @@ def test_attempts_running_out_leave_the_chunk_failed_with_its_last_error(
 
 
 def test_permanent_error_fails_the_chunk_at_once(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "gone@example.com"
     source = FakeMailSource(
@@ -404,7 +378,7 @@ def test_permanent_error_fails_the_chunk_at_once(
 
 
 def test_unexpected_exception_is_a_chunk_error_with_a_one_line_message(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "odd@example.com"
     source = FakeMailSource(
@@ -421,7 +395,7 @@ def test_unexpected_exception_is_a_chunk_error_with_a_one_line_message(
 
 
 def test_failed_middle_chunk_does_not_block_later_chunks_and_fails_the_job(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "hole@example.com"
 
@@ -444,13 +418,13 @@ def test_failed_middle_chunk_does_not_block_later_chunks_and_fails_the_job(
 
 
 def test_drain_returns_0_at_once_on_an_empty_queue(
-    start_worker: Callable[..., RunningWorker],
+    start_worker: Callable[..., WorkerThread],
 ) -> None:
     assert start_worker(FakeMailSource({})).join() == 0
 
 
 def test_drain_waits_for_a_chunk_in_retry_backoff(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "backoff@example.com"
     source = FakeMailSource({mailbox: 30})
@@ -524,7 +498,7 @@ def test_sigterm_releases_the_chunk_in_flight_without_using_an_attempt(
 def test_worker_survives_losing_its_database_connections(
     conn: Connection,
     make_conn: Callable[[], Connection],
-    start_worker: Callable[..., RunningWorker],
+    start_worker: Callable[..., WorkerThread],
 ) -> None:
     mailbox = "outage@example.com"
     killer = make_conn()
@@ -554,7 +528,7 @@ def test_worker_survives_losing_its_database_connections(
 
 
 def test_listening_worker_picks_up_a_new_job_long_before_its_poll_interval(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "listen@example.com"
     source = FakeMailSource({mailbox: 20})
@@ -580,7 +554,7 @@ def test_listening_worker_picks_up_a_new_job_long_before_its_poll_interval(
 
 
 def test_poll_only_worker_does_not_listen_and_still_picks_up_a_new_job(
-    conn: Connection, start_worker: Callable[..., RunningWorker]
+    conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:
     mailbox = "poll@example.com"
     source = FakeMailSource({mailbox: 20})

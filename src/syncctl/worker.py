@@ -80,14 +80,7 @@ def run_worker(
 ) -> int:
     """Run until stopped (SIGTERM/SIGINT or `stop` set) or, with drain, until drained.
     Returns the exit code: 0, or 1 when drain is set and a chunk this worker ran ended `failed`."""
-    worker = Worker(target, source, options, stop=stop)
-    # Served before the first connection, so a port already taken fails the start.
-    with (
-        metrics.metrics_served(options.metrics_port)
-        if options.metrics_port is not None
-        else nullcontext()
-    ):
-        return worker.run()
+    return Worker(target, source, options, stop=stop).run()
 
 
 def default_worker_id() -> str:
@@ -178,6 +171,12 @@ class Worker:
 
     def run(self) -> int:
         """Run the slots until stopped or drained; return the exit code."""
+        # Metrics are served before the first connection, so a port already taken fails the start.
+        port = self.options.metrics_port
+        with metrics.metrics_served(port) if port is not None else nullcontext():
+            return self._run()
+
+    def _run(self) -> int:
         roles = [f"slot-{number + 1}" for number in range(self.options.concurrency)]
         roles.append("heartbeat")
         if not self.options.poll_only:
