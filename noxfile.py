@@ -29,3 +29,11 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "src", "tests", "noxfile.py")
     session.run("ruff", "format", "--check", "src", "tests", "noxfile.py")
     session.run("mypy")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks: tables and ratios against peers and limits (`-- --quick`: under 2 minutes)."""
+    # The peers are installed here only: they are what syncctl is measured against.
+    session.install(".", "procrastinate>=3.10,<4", "pgqueuer>=1.6,<2", "asyncpg>=0.29")
+    session.run("python", "-m", "bench.run", *session.posargs)

@@ -82,7 +82,7 @@ def test_terminal_output_is_a_rich_table(database_url: str) -> None:
 
 def colours(text: str) -> set[str]:
     """The SGR foreground colour codes (30-38, 90-97) in text."""
-    found = set()
+    found: set[str] = set()
     for sequence in re.findall(r"\x1b\[([0-9;]*)m", text):
         found.update(code for code in sequence.split(";") if re.fullmatch(r"3[0-8]|9[0-7]", code))
     return found

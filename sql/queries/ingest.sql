@@ -12,24 +12,23 @@ UPDATE chunked_sync_jobs
 RETURNING emails_synced;
 
 -- upsert_emails --
--- A page of messages in one statement, one array per column; a message already
+-- A page of messages in one statement, sent as one JSON array of rows that the
+-- server takes apart (no per-value quoting on the client); a message already
 -- stored for the store is updated only where it changed, never duplicated.
 INSERT INTO emails (store_id, sync_job_id, provider_message_id, internet_message_id,
                     conversation_id, subject, from_address, from_name, to_recipients,
                     cc_recipients, bcc_recipients, received_at, sent_at, is_read, is_draft,
                     has_attachments, importance, flag_status, body_content_type, body)
-SELECT %(store_id)s, %(sync_job_id)s, m.*
-  FROM unnest(%(provider_message_id)s::text[], %(internet_message_id)s::text[],
-              %(conversation_id)s::text[], %(subject)s::text[], %(from_address)s::text[],
-              %(from_name)s::text[], %(to_recipients)s::jsonb[], %(cc_recipients)s::jsonb[],
-              %(bcc_recipients)s::jsonb[], %(received_at)s::timestamptz[],
-              %(sent_at)s::timestamptz[], %(is_read)s::boolean[], %(is_draft)s::boolean[],
-              %(has_attachments)s::boolean[], %(importance)s::text[], %(flag_status)s::text[],
-              %(body_content_type)s::text[], %(body)s::text[])
-       AS m (provider_message_id, internet_message_id, conversation_id, subject,
-             from_address, from_name, to_recipients, cc_recipients, bcc_recipients,
-             received_at, sent_at, is_read, is_draft, has_attachments, importance,
-             flag_status, body_content_type, body)
+SELECT %(store_id)s, %(sync_job_id)s, m.provider_message_id, m.internet_message_id,
+       m.conversation_id, m.subject, m.from_address, m.from_name, m.to_recipients,
+       m.cc_recipients, m.bcc_recipients, m.received_at, m.sent_at, m.is_read, m.is_draft,
+       m.has_attachments, m.importance, m.flag_status, m.body_content_type, m.body
+  FROM json_to_recordset(%(page)s::json)
+       AS m (provider_message_id text, internet_message_id text, conversation_id text,
+             subject text, from_address text, from_name text, to_recipients jsonb,
+             cc_recipients jsonb, bcc_recipients jsonb, received_at timestamptz,
+             sent_at timestamptz, is_read boolean, is_draft boolean, has_attachments boolean,
+             importance text, flag_status text, body_content_type text, body text)
 ON CONFLICT (store_id, provider_message_id) DO UPDATE
    SET sync_job_id = EXCLUDED.sync_job_id,
        internet_message_id = EXCLUDED.internet_message_id,

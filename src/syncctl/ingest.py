@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -16,6 +17,10 @@ from syncctl.queue import Chunk
 _COLUMNS = [f.name for f in fields(Message)]
 # A surrogate code point alone (JSON can escape one; UTF-8 cannot encode it).
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# json's escape of a NUL: \u0000 after an even number of backslashes (an odd
+# number means the message held a backslash followed by the text u0000).
+_JSON_NUL = "\\u0000"
+_JSON_NUL_ESCAPE = re.compile(r"(\\+)u0000")
 
 
 class LeaseLost(Exception):
@@ -75,24 +80,51 @@ def write_page(
         if row is None:
             raise LeaseLost(f"{chunk} no longer belongs to worker {chunk.worker_id}")
         if messages:
-            conn.execute(query("upsert_emails"), _page_columns(chunk, messages))
+            conn.execute(
+                query("upsert_emails"),
+                {
+                    "store_id": chunk.store_id,
+                    "sync_job_id": chunk.parent_sync_job_id,
+                    "page": _page_json(messages),
+                },
+            )
         synced: int = row["emails_synced"]
         return synced
 
 
-def _page_columns(chunk: Chunk, messages: list[Message]) -> dict[str, Any]:
-    """The page as one array per column, cleaned, each message once."""
+def _page_json(messages: list[Message]) -> str:
+    """The page as one JSON array of rows, each message once, cleaned as
+    clean_text cleans: no NUL, each lone surrogate made U+FFFD."""
     # One statement cannot upsert a row twice: the last copy of a message wins.
-    unique = list({m.provider_message_id: m for m in messages}.values())
-    columns: dict[str, Any] = {name: [] for name in _COLUMNS}
-    for message in unique:
-        for name in _COLUMNS:
-            value = getattr(message, name)
-            if isinstance(value, str):
-                value = clean_text(value)
-            elif isinstance(value, list):
-                value = Jsonb(clean_json(value))
-            columns[name].append(value)
-    columns["store_id"] = chunk.store_id
-    columns["sync_job_id"] = chunk.parent_sync_job_id
-    return columns
+    unique = {m.provider_message_id: m for m in messages}.values()
+    # Cleaned in the serialised page, not value by value: a page is one string.
+    text = json.dumps([vars(m) for m in unique], **_JSON_OPTIONS)
+    if _JSON_NUL in text:
+        # A backslash before the escape needs the careful path; otherwise every match is a NUL.
+        if "\\" + _JSON_NUL in text:
+            text = _JSON_NUL_ESCAPE.sub(_without_nul, text)
+        else:
+            text = text.replace(_JSON_NUL, "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _without_nul(match: re.Match[str]) -> str:
+    backslashes = match[1]
+    return backslashes[:-1] if len(backslashes) % 2 else match[0]
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"a message field of type {type(value).__name__} cannot be stored")
+
+
+_JSON_OPTIONS: dict[str, Any] = {
+    "ensure_ascii": False,
+    "separators": (",", ":"),
+    "default": _json_value,
+}
