@@ -1,0 +1,1 @@
+"""Other PostgreSQL queues, drained the way their own documentation runs a worker."""
