@@ -15,6 +15,7 @@ from uuid import UUID
 
 import pytest
 
+import syncctl.worker as worker_module
 from fakes import FakeMailSource, FetchCall, message_id, received_at
 from helpers import WAIT, WorkerThread, wait_for
 from syncctl.config import DatabaseTarget
@@ -492,6 +493,92 @@ def test_sigterm_releases_the_chunk_in_flight_without_using_an_attempt(
     assert chunk["emails_synced"] == 10
     assert [a["outcome"] for a in attempts(conn, job_id)] == ["released"]
     assert len(source.calls) == 1, "the worker fetched another page after the signal"
+    assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(10)]
+
+
+def test_next_page_is_fetched_while_the_page_before_it_is_written(
+    conn: Connection,
+    start_worker: Callable[..., WorkerThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mailbox = "overlap@example.com"
+    events: list[str] = []
+    lock = threading.Lock()
+    second_fetch_started = threading.Event()
+
+    def record(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    def note_fetch(call: FetchCall) -> None:
+        record(f"fetch {call.number}")
+        if call.number == 2:
+            second_fetch_started.set()
+
+    def held_write(conn: Connection, chunk: Any, messages: Any, **kwargs: Any) -> None:
+        read = kwargs["checkpoint"]["read"]
+        record(f"write {read} starts")
+        if read == 10:
+            # A worker that fetches only after writing would never get here in time.
+            assert second_fetch_started.wait(WAIT), "page 2 was not fetched during page 1's write"
+        write_page(conn, chunk, messages, **kwargs)
+        record(f"write {read} ends")
+
+    monkeypatch.setattr(worker_module, "write_page", held_write)
+    source = FakeMailSource({mailbox: 30}, max_page=10, before_fetch=note_fetch)
+    job_id = new_job(conn, source, mailbox, chunk_size=100)
+
+    assert start_worker(source).join() == 0
+
+    assert events.index("fetch 2") < events.index("write 10 ends")
+    assert events.index("fetch 3") < events.index("write 20 ends")
+    # Pages are still written one after another, in order, each after its fetch.
+    writes = [e for e in events if e.startswith("write")]
+    assert writes == [f"write {n} {edge}" for n in (10, 20, 30) for edge in ("starts", "ends")]
+    # At most one page ahead: page 3 is asked for only once page 1 is written.
+    assert events.index("fetch 3") > events.index("write 10 ends")
+    assert len(source.calls) == 3
+    assert source.max_in_flight[mailbox] == 1
+    chunk = chunks(conn, job_id)[0]
+    assert (chunk["status"], chunk["checkpoint"]) == ("completed", {"next_link": None, "read": 30})
+    assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(30)]
+
+
+def test_page_prefetched_when_the_worker_stops_is_not_written(
+    conn: Connection,
+    start_worker: Callable[..., WorkerThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mailbox = "prefetched@example.com"
+    second_fetch_started, writing_first, stopped = (threading.Event() for _ in range(3))
+
+    def hold_second_fetch(call: FetchCall) -> None:
+        if call.number == 2:
+            second_fetch_started.set()
+            stopped.wait(WAIT)
+
+    def held_write(conn: Connection, chunk: Any, messages: Any, **kwargs: Any) -> None:
+        if kwargs["checkpoint"]["read"] == 10:
+            assert second_fetch_started.wait(WAIT), "page 2 was not fetched during page 1's write"
+            writing_first.set()
+            stopped.wait(WAIT)
+        write_page(conn, chunk, messages, **kwargs)
+
+    monkeypatch.setattr(worker_module, "write_page", held_write)
+    source = FakeMailSource({mailbox: 50}, max_page=10, before_fetch=hold_second_fetch)
+    job_id = new_job(conn, source, mailbox, chunk_size=100)
+    running = start_worker(source, options(lease=timedelta(seconds=5)))
+    wait_for(writing_first.is_set, "the worker to write page 1 while page 2 is fetched")
+    running.stop.set()
+    stopped.set()
+
+    assert running.join() == 0
+    # One page beyond the last one written was fetched, and dropped.
+    assert [(c.number, c.position, c.returned) for c in source.calls] == [(1, 0, 10), (2, 10, 10)]
+    chunk = chunks(conn, job_id)[0]
+    assert (chunk["status"], chunk["attempts"]) == ("pending", 0)
+    assert (chunk["checkpoint"]["read"], chunk["emails_synced"]) == (10, 10)
+    assert [a["outcome"] for a in attempts(conn, job_id)] == ["released"]
     assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(10)]
 
 

@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
+from contextvars import ContextVar, copy_context
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -34,7 +35,7 @@ from syncctl.config import DatabaseTarget, scrub_secrets
 from syncctl.db import Connection, connect, query
 from syncctl.errors import DatabaseUnavailable
 from syncctl.ingest import LeaseLost, write_page
-from syncctl.mailsource import MailSource, MailSourceError, Window
+from syncctl.mailsource import MailSource, MailSourceError, Page, Window
 from syncctl.queue import Chunk, Outcome, finish_chunk, heartbeat, queue_has_work, reap
 from syncctl.queue import claim_chunk as claim_next_chunk
 
@@ -299,6 +300,8 @@ class Worker:
     # -- slots -------------------------------------------------------------
 
     def _slot(self, role: str, conn: Connection | None) -> None:
+        # One helper thread per slot fetches the next page while the slot writes the current one.
+        prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"syncctl-{role}-fetch")
         try:
             # A caller's stop is seen at once, not only at the run loop's next check.
             while not (self._halt.is_set() or self._stop.is_set()):
@@ -307,7 +310,7 @@ class Worker:
                     if conn is None:
                         break
                 try:
-                    self._claim_and_run(conn)
+                    self._claim_and_run(conn, prefetcher)
                 except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                     if not _connection_lost(exc, conn):
                         # A deadlock, a cancelled statement: the connection is fine, try again.
@@ -323,17 +326,18 @@ class Worker:
                     conn.close()
                     conn = None
         finally:
+            prefetcher.shutdown(wait=True)
             if conn is not None:
                 conn.close()
 
-    def _claim_and_run(self, conn: Connection) -> None:
+    def _claim_and_run(self, conn: Connection, prefetcher: ThreadPoolExecutor) -> None:
         with self._wakeup:
             seen = self._generation
         with metrics.CLAIM_LATENCY.time():
             chunk = claim_next_chunk(conn, worker_id=self.worker_id, lease=self.options.lease)
         if chunk is not None:
             metrics.CHUNKS_CLAIMED.inc()
-            self._run_chunk(conn, chunk)
+            self._run_chunk(conn, chunk, prefetcher)
             return
         if self.options.drain and not self._holds_any() and not queue_has_work(conn):
             if not self._halt.is_set():
@@ -368,7 +372,7 @@ class Worker:
 
     # -- one chunk ---------------------------------------------------------
 
-    def _run_chunk(self, conn: Connection, chunk: Chunk) -> None:
+    def _run_chunk(self, conn: Connection, chunk: Chunk, prefetcher: ThreadPoolExecutor) -> None:
         chunk_log = self._chunk_log(chunk, store=str(chunk.store_id))
         held = self._hold(chunk, chunk_log)
         try:
@@ -391,7 +395,7 @@ class Worker:
                     else "",
                 )
                 window = Window(context["sync_from"], context["sync_to"])
-                finished = self._read_chunk(conn, held, context["email"], window)
+                finished = self._read_chunk(conn, held, context["email"], window, prefetcher)
             except LeaseLost:
                 metrics.LEASE_LOSSES.inc()
                 chunk_log.warning("the chunk was taken away (reaped, cancelled or reset); dropped")
@@ -415,9 +419,20 @@ class Worker:
             _current_chunk.set(None)
             self._unhold(chunk)
 
-    def _read_chunk(self, conn: Connection, held: _HeldChunk, mailbox: str, window: Window) -> bool:
+    def _read_chunk(
+        self,
+        conn: Connection,
+        held: _HeldChunk,
+        mailbox: str,
+        window: Window,
+        prefetcher: ThreadPoolExecutor,
+    ) -> bool:
         """Read the chunk's pages from its checkpoint on, writing each; True when
-        the chunk is read to its end, False when stopped in between."""
+        the chunk is read to its end, False when stopped in between.
+
+        While a page is written the next one is fetched on the slot's helper
+        thread; it is written only after the page before it, and dropped
+        (once its fetch has ended) if the chunk is lost, stopped or fails."""
         chunk = held.chunk
         checkpoint = chunk.checkpoint or {}
         read = int(checkpoint.get("read") or 0)
@@ -425,33 +440,63 @@ class Worker:
         # A checkpoint without a next page means the end was reached before.
         at_end = chunk.checkpoint is not None and next_link is None
         limit = chunk.estimated_emails
-        while not at_end:
-            if held.lost:
-                raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
-            # The last chunk reads to the end of the window, so nothing is left behind.
-            if not chunk.is_last and read >= limit:
-                break
-            if self._stop.is_set():
-                return False
-            top = PAGE_SIZE if chunk.is_last else min(PAGE_SIZE, limit - read)
-            page = self.source.fetch_page(
-                mailbox, window, skip=chunk.start_offset + read, top=top, next_link=next_link
-            )
-            messages = page.messages if chunk.is_last else page.messages[: limit - read]
-            read += len(messages)
-            if held.lost:
-                raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
-            write_page(
-                conn,
-                chunk,
-                messages,
-                checkpoint={"next_link": page.next_link, "read": read},
-                lease=self.options.lease,
-            )
-            metrics.MESSAGES_SYNCED.inc(len(messages))
-            next_link = page.next_link
-            at_end = next_link is None
-        return True
+        prefetched: Future[Page] | None = None
+        try:
+            while not at_end:
+                if held.lost:
+                    raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
+                # The last chunk reads to the end of the window, so nothing is left behind.
+                if not chunk.is_last and read >= limit:
+                    break
+                if self._stop.is_set():
+                    return False
+                if prefetched is not None:
+                    # Its error, if any, is raised here, where the fetch would have been.
+                    page, prefetched = prefetched.result(), None
+                else:
+                    top = PAGE_SIZE if chunk.is_last else min(PAGE_SIZE, limit - read)
+                    page = self.source.fetch_page(
+                        mailbox,
+                        window,
+                        skip=chunk.start_offset + read,
+                        top=top,
+                        next_link=next_link,
+                    )
+                messages = page.messages if chunk.is_last else page.messages[: limit - read]
+                read += len(messages)
+                if held.lost:
+                    raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
+                more = page.next_link is not None and (chunk.is_last or read < limit)
+                if more and not self._stop.is_set():
+                    top = PAGE_SIZE if chunk.is_last else min(PAGE_SIZE, limit - read)
+                    # The copied context keeps the chunk's fields on lines the fetch logs.
+                    prefetched = prefetcher.submit(
+                        copy_context().run,
+                        partial(
+                            self.source.fetch_page,
+                            mailbox,
+                            window,
+                            skip=chunk.start_offset + read,
+                            top=top,
+                            next_link=page.next_link,
+                        ),
+                    )
+                write_page(
+                    conn,
+                    chunk,
+                    messages,
+                    checkpoint={"next_link": page.next_link, "read": read},
+                    lease=self.options.lease,
+                )
+                metrics.MESSAGES_SYNCED.inc(len(messages))
+                next_link = page.next_link
+                at_end = next_link is None
+            return True
+        finally:
+            if prefetched is not None:
+                # Dropped unwritten; waited for so no request outlives the chunk.
+                prefetched.cancel()
+                wait([prefetched])
 
     def _finish(
         self, conn: Connection, held: _HeldChunk, outcome: Outcome, *, error: str | None = None
