@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,11 +21,10 @@ from psycopg import sql
 from tabulate import tabulate
 
 from syncctl.config import DatabaseTarget
-from syncctl.db import Connection, connect
+from syncctl.db import Connection, connect, load_queries
 from syncctl.migrate import migrate
 
 BENCH_DIR = Path(__file__).resolve().parent
-_QUERY_HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
 
 
 # -- the server and its databases ------------------------------------------------
@@ -108,14 +106,7 @@ def bench_connect(url: str) -> Connection:
 
 @cache
 def _bench_queries() -> dict[str, str]:
-    found: dict[str, str] = {}
-    for path in sorted((BENCH_DIR / "sql").glob("*.sql")):
-        parts = _QUERY_HEADER.split(path.read_text(encoding="utf-8"))
-        for name, body in zip(parts[1::2], parts[2::2], strict=True):
-            if name in found:
-                raise RuntimeError(f"bench query {name} is defined twice in bench/sql")
-            found[name] = body.strip()
-    return found
+    return load_queries(BENCH_DIR / "sql")
 
 
 def bench_query(name: str) -> LiteralString:

@@ -7,11 +7,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from syncctl.config import DatabaseTarget
+from syncctl.graph import GraphSettings
 from syncctl.mailsource import MailSource
 from syncctl.worker import Worker, WorkerOptions
 
@@ -72,3 +75,19 @@ class WorkerThread:
         """Stop the worker as SIGTERM would; its exit code."""
         self.stop.set()
         return self.join()
+
+
+def quick_graph_settings(url: str, token: str, **changes: Any) -> GraphSettings:
+    """Graph client settings for tests: tiny backoffs, few tries, short but safe timeouts."""
+    settings = GraphSettings(
+        url=url,
+        token=token,
+        connect_timeout=5.0,
+        read_timeout=10.0,
+        request_deadline=30.0,
+        max_tries=3,
+        backoff_base=0.01,
+        backoff_cap=0.05,
+        retry_after_cap=5.0,
+    )
+    return replace(settings, **changes)

@@ -7,13 +7,12 @@ import math
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from helpers import WAIT, wait_for
+from helpers import WAIT, quick_graph_settings, wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
@@ -43,19 +42,7 @@ WHOLE = Window(None, None)
 
 
 def fast(server: FakeGraphServer, **changes: Any) -> GraphSettings:
-    """Settings for tests: tiny backoffs, few tries, short but safe timeouts."""
-    settings = GraphSettings(
-        url=server.url,
-        token=TOKEN,
-        connect_timeout=5.0,
-        read_timeout=10.0,
-        request_deadline=30.0,
-        max_tries=3,
-        backoff_base=0.01,
-        backoff_cap=0.05,
-        retry_after_cap=5.0,
-    )
-    return replace(settings, **changes)
+    return quick_graph_settings(server.url, TOKEN, **changes)
 
 
 @pytest.fixture

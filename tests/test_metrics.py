@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from fakes import FakeMailSource, FetchCall
-from helpers import WAIT, WorkerThread, wait_for
+from helpers import WAIT, WorkerThread, quick_graph_settings, wait_for
 from syncctl import cli
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
@@ -274,18 +274,7 @@ def test_chunk_handed_back_on_shutdown_is_counted_released(
 
 
 def graph_settings(url: str, **changes: Any) -> GraphSettings:
-    settings = GraphSettings(
-        url=url,
-        token=TOKEN,
-        connect_timeout=5.0,
-        read_timeout=10.0,
-        request_deadline=30.0,
-        max_tries=3,
-        backoff_base=0.01,
-        backoff_cap=0.05,
-        retry_after_cap=5.0,
-    )
-    return replace(settings, **changes)
+    return quick_graph_settings(url, TOKEN, **changes)
 
 
 def test_graph_requests_are_counted_by_status_and_throttling_waits_add_up(

@@ -35,19 +35,24 @@ def sql_dir() -> Traversable:
     return files("syncctl") / "sql"
 
 
-@cache
-def _queries() -> dict[str, str]:
+def load_queries(folder: Traversable) -> dict[str, str]:
+    """Every named block of the .sql files in folder, by name."""
     found: dict[str, str] = {}
-    for path in sorted(sql_dir().joinpath("queries").iterdir(), key=lambda p: p.name):
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if not path.name.endswith(".sql"):
             continue
         parts = _QUERY_HEADER.split(path.read_text(encoding="utf-8"))
         # parts: [preamble, name1, body1, name2, body2, ...]
         for name, body in zip(parts[1::2], parts[2::2], strict=True):
             if name in found:
-                raise RuntimeError(f"query {name} is defined twice in sql/queries")
+                raise RuntimeError(f"query {name} is defined twice in {folder}")
             found[name] = body.strip()
     return found
+
+
+@cache
+def _queries() -> dict[str, str]:
+    return load_queries(sql_dir().joinpath("queries"))
 
 
 def query(name: str) -> LiteralString:
