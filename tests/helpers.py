@@ -22,6 +22,18 @@ from syncctl.worker import Worker, WorkerOptions
 WAIT = 30.0
 
 
+def unconfigured_env(**settings: str) -> dict[str, str]:
+    """This process's environment without syncctl's configuration (SYNCCTL_*,
+    DATABASE_URL, NO_COLOR), plus settings: for a `syncctl` child process."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("SYNCCTL_") and name not in ("DATABASE_URL", "NO_COLOR")
+    }
+    env.update(settings)
+    return env
+
+
 def wait_for(
     condition: Callable[[], object], what: str = "a condition", timeout: float = WAIT
 ) -> None:

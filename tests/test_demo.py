@@ -3,7 +3,6 @@ server's per-mailbox faults over real HTTP, and the whole demo run as a new user
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from psycopg.rows import dict_row
 
 import syncctl.embedded
 from fakes import CountOnly
-from helpers import stop_embedded_server
+from helpers import stop_embedded_server, unconfigured_env
 from syncctl import demo, jobs, queue
 from syncctl.config import EMBEDDED
 from syncctl.db import Connection
@@ -184,12 +183,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
 
 def run_demo(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """`python -m syncctl demo` with nothing configured but SYNCCTL_HOME."""
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("SYNCCTL_") and name not in ("DATABASE_URL", "NO_COLOR")
-    }
-    env["SYNCCTL_HOME"] = str(home)
+    env = unconfigured_env(SYNCCTL_HOME=str(home))
     return subprocess.run(
         [sys.executable, "-m", "syncctl", "demo", *args],
         env=env,

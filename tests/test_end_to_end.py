@@ -3,7 +3,6 @@ processes, the local Graph-compatible server over real HTTP, real PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from helpers import wait_for
+from helpers import unconfigured_env, wait_for
 from syncctl.fakegraph import FakeGraphServer
 
 SIZES = {
@@ -63,14 +62,11 @@ def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
 
 
 def environment(database_url: str, server: FakeGraphServer) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCCTL_")}
-    env.pop("DATABASE_URL", None)
-    env.update(
+    return unconfigured_env(
         SYNCCTL_DATABASE_URL=database_url,
         SYNCCTL_GRAPH_URL=server.url,
         SYNCCTL_GRAPH_TOKEN=server.token,
     )
-    return env
 
 
 def stored_ids(db: psycopg.Connection[dict[str, Any]], email: str) -> list[str]:

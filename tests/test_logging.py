@@ -5,7 +5,6 @@ through a retried request and a refused one."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from uuid import UUID
 
 import pytest
 
+from helpers import unconfigured_env
 from syncctl.db import Connection
 from syncctl.fakegraph import FakeGraphServer
 from syncctl.graph import GraphMailSource, GraphSettings
@@ -53,9 +53,7 @@ def run_worker(
     # Chunk 1: a 503 it waits out, then a 403 that fails it for good; chunk 2 syncs.
     server.fail_next(503, retry_after=0.05, code="ServiceUnavailable")
     server.fail_next(403, code="ErrorAccessDenied")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCCTL_")}
-    env.pop("DATABASE_URL", None)
-    env.update(
+    env = unconfigured_env(
         # The local server trusts every connection, so the password is carried but unused.
         SYNCCTL_DATABASE_URL=database_url.replace("postgres@", f"postgres:{PASSWORD}@", 1),
         SYNCCTL_GRAPH_URL=server.url,

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from fakes import CountOnly
+from helpers import unconfigured_env
 from syncctl.db import Connection
 from syncctl.jobs import add_store, create_job
 
@@ -20,10 +21,9 @@ BOX = set("┏┓┗┛━┃│─┡┩╇")
 
 
 def syncctl_env(database_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCCTL_")}
-    env.pop("NO_COLOR", None)
-    env.update(SYNCCTL_DATABASE_URL=database_url, TERM="xterm-256color", COLUMNS="120", **extra)
-    return env
+    return unconfigured_env(
+        SYNCCTL_DATABASE_URL=database_url, TERM="xterm-256color", COLUMNS="120", **extra
+    )
 
 
 def on_a_terminal(args: list[str], env: dict[str, str]) -> str:
