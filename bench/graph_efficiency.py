@@ -13,14 +13,14 @@ import math
 from bench.common import PgServer, Section, Target, fresh_database, ratio
 from bench.ingest_throughput import mailboxes
 from bench.mail import CachedGraphServer, run_worker, syncctl, syncctl_env
-from syncctl.graph import MAILBOX_CONCURRENCY, MAX_PAGE_SIZE
+from syncctl.graph import MAILBOX_CONCURRENCY, MAX_PAGE_SIZE, SELECT_FIELDS
 
 LATENCY = 0.05
 
 
 def run(server: PgServer, graph: CachedGraphServer, *, quick: bool) -> Section:
     (email, size), _ = mailboxes(quick=quick)
-    graph.warm(email)
+    graph.warm(email, select=list(SELECT_FIELDS))
     section = Section(
         4,
         "Graph efficiency",

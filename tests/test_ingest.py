@@ -11,7 +11,7 @@ import pytest
 
 from fakes import CountOnly
 from syncctl.db import Connection
-from syncctl.ingest import LeaseLost, clean_json, clean_text, write_page
+from syncctl.ingest import LeaseLost, write_page
 from syncctl.jobs import add_store, create_job
 from syncctl.mailsource import Message
 from syncctl.queue import Chunk, claim_chunk
@@ -165,6 +165,20 @@ def test_page_with_every_time_missing_is_stored(conn: Connection, chunk: Chunk) 
     assert [r["provider_message_id"] for r in emails(conn)] == ["a"]
 
 
+def test_time_without_a_zone_is_stored_as_utc(conn: Connection, chunk: Chunk) -> None:
+    naive = datetime(2024, 3, 1, 9, 30)
+    conn.execute("SET TIME ZONE 'America/New_York'")
+    # New (COPY), then stored again with a change (upsert): both read the time as UTC.
+    write_page(conn, chunk, [message(1, received_at=naive)], checkpoint={}, lease=LEASE)
+    first = emails(conn)[0]["received_at"]
+    write_page(
+        conn, chunk, [message(1, received_at=naive, sent_at=naive)], checkpoint={}, lease=LEASE
+    )
+    row = emails(conn)[0]
+
+    assert first == row["received_at"] == row["sent_at"] == naive.replace(tzinfo=UTC)
+
+
 def test_same_page_twice_changes_nothing(conn: Connection, chunk: Chunk) -> None:
     page = [message(n, to_recipients=[{"name": "B", "address": "b@x.com"}]) for n in range(5)]
     write_page(conn, chunk, page, checkpoint={"read": 5}, lease=LEASE)
@@ -240,13 +254,3 @@ def test_messages_of_two_stores_with_one_id_are_kept_apart(conn: Connection) -> 
     write_page(conn, second, [message(1, subject="Bob's")], checkpoint={}, lease=LEASE)
 
     assert sorted(r["subject"] for r in emails(conn)) == ["Ann's", "Bob's"]
-
-
-def test_clean_text_keeps_good_text_and_repairs_bad() -> None:
-    assert clean_text(None) is None
-    assert clean_text("naïve 🎉 日本") == "naïve 🎉 日本"
-    assert clean_text("a\x00b") == "ab"
-    assert clean_text("x\udfffy") == "x\ufffdy"
-    assert clean_json({"a\x00": [1, None, "b\x00", {"c": "\ud800"}]}) == {
-        "a": [1, None, "b", {"c": "\ufffd"}]
-    }

@@ -11,8 +11,16 @@ UPDATE chunked_sync_jobs
    AND worker_id = %(worker_id)s AND attempts = %(attempt)s
 RETURNING emails_synced;
 
+-- copy_emails --
+-- A page of new messages, in the column order of ingest._row.
+COPY emails (store_id, sync_job_id, provider_message_id, internet_message_id, conversation_id,
+             subject, from_address, from_name, to_recipients, cc_recipients, bcc_recipients,
+             received_at, sent_at, is_read, is_draft, has_attachments, importance,
+             flag_status, body_content_type, body)
+FROM STDIN;
+
 -- upsert_emails --
--- A page of messages in one statement, sent as one JSON array of rows that the
+-- A page holding messages already stored, in one statement, sent as one JSON array of rows that the
 -- server takes apart (no per-value quoting on the client); a message already
 -- stored for the store is updated only where it changed, never duplicated.
 INSERT INTO emails (store_id, sync_job_id, provider_message_id, internet_message_id,

@@ -35,9 +35,11 @@ from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import httpx
+import orjson
 import psycopg
 
 from syncctl import __version__, metrics
+from syncctl.cleantext import clean_escapes
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connect, query
 from syncctl.errors import BadInput, DatabaseUnavailable
@@ -752,10 +754,11 @@ def _odata_time(moment: datetime) -> str:
 
 
 def parse_page(content: bytes) -> Page:
-    """A Graph list response as a Page; ValueError when it is not one."""
+    """A Graph list response as a Page, its text cleaned for PostgreSQL;
+    ValueError when it is not one."""
     try:
-        document = json.loads(content)
-    except (ValueError, UnicodeDecodeError) as exc:
+        document = orjson.loads(clean_escapes(content))
+    except orjson.JSONDecodeError as exc:
         raise ValueError(f"unparsable JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("value"), list):
         raise ValueError("no 'value' list of messages in the answer")
