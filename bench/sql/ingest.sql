@@ -32,7 +32,7 @@ COPY emails (store_id, sync_job_id, provider_message_id, received_at, internet_m
              conversation_id, subject, from_address, from_name, to_recipients,
              cc_recipients, bcc_recipients, sent_at, is_read, is_draft, has_attachments,
              importance, flag_status, body_content_type, body)
-FROM STDIN;
+FROM STDIN (FORMAT BINARY);
 
 -- delete_emails --
 TRUNCATE emails;

@@ -12,12 +12,12 @@ UPDATE chunked_sync_jobs
 RETURNING emails_synced;
 
 -- copy_emails --
--- A page of new messages, in the column order of ingest._row.
+-- A page of new messages, binary, its columns typed as ingest._COPY_TYPES says.
 COPY emails (store_id, sync_job_id, provider_message_id, internet_message_id, conversation_id,
              subject, from_address, from_name, to_recipients, cc_recipients, bcc_recipients,
              received_at, sent_at, is_read, is_draft, has_attachments, importance,
              flag_status, body_content_type, body)
-FROM STDIN;
+FROM STDIN (FORMAT BINARY);
 
 -- upsert_emails --
 -- A page holding messages already stored, in one statement, sent as one JSON array of rows that the

@@ -528,8 +528,9 @@ def run(
     target = _target(database_url)
     source = _mail_source(target)
     # Imported here: the worker loads only for `run`.
-    from syncctl.worker import WorkerOptions, run_worker
+    from syncctl.worker import WorkerOptions, run_worker, tune_garbage_collector
 
+    tune_garbage_collector()
     options = WorkerOptions(
         concurrency=concurrency,
         lease=lease_for,

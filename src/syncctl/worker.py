@@ -10,6 +10,7 @@ this module only keeps leases alive and moves pages.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -56,6 +57,8 @@ LISTEN_TIMEOUT = 0.5
 MIN_IDLE_WAIT = 0.05
 # last_error and log lines quote an error's first line, at most this long.
 MAX_ERROR_LENGTH = 500
+# A worker's cycle collector runs after this many new containers (Python's default: 700).
+_GC_YOUNG_THRESHOLD = 50_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,20 @@ def run_worker(
     """Run until stopped (SIGTERM/SIGINT or `stop` set) or, with drain, until drained.
     Returns the exit code: 0, or 1 when drain is set and a chunk this worker ran ended `failed`."""
     return Worker(target, source, options, stop=stop).run()
+
+
+def tune_garbage_collector() -> None:
+    """Make a worker process's cycle collector run less often.
+
+    A page of mail parses into tens of thousands of dicts, lists and
+    messages, none of them in a reference cycle; with Python's default
+    thresholds the cycle collector runs every 700 of them and rescans
+    what the process holds, a third of the time spent parsing a page.
+    Reference counting still frees each page as soon as it is written.
+    Call once, at the start of a process that is a worker and nothing else.
+    """
+    gc.freeze()  # what was loaded at start-up is never garbage
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def default_worker_id() -> str:
