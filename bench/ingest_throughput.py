@@ -44,7 +44,7 @@ NAMES = ["store_id", "sync_job_id", *COLUMNS]
 def mailboxes(*, quick: bool) -> tuple[tuple[str, int], tuple[str, int]]:
     """(large, small) mailboxes: the throughput run and the memory comparison."""
     if quick:
-        return ("ingest20k@bench.test", 20_000), ("ingest2k@bench.test", 2_000)
+        return ("ingest10k@bench.test", 10_000), ("ingest1k@bench.test", 1_000)
     return ("ingest100k@bench.test", 100_000), ("ingest10k@bench.test", 10_000)
 
 
@@ -135,7 +135,7 @@ def naive_sync(url: str, graph_url: str, token: str, email: str, count: int) -> 
 
 def run(server: PgServer, graph: CachedGraphServer, *, quick: bool) -> Section:
     (large, large_size), (small, small_size) = mailboxes(quick=quick)
-    naive_count = 2_000 if quick else 10_000
+    naive_count = 1_000 if quick else 10_000
     graph.latency = 0.0
     messages = graph.warm(large, select=list(SELECT_FIELDS))
     graph.warm(small, select=list(SELECT_FIELDS))

@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         header = [
             f"# syncctl benchmarks{' (--quick)' if args.quick else ''}",
             "",
-            f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with "
-            f"`nox -s bench{' -- --quick' if args.quick else ''}` on:",
+            f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{_command(argv)}` on:",
             "",
             *machine(server),
             "",
@@ -109,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         body = "\n".join([*header, *(s.markdown() for s in sections), summary, ""])
         args.markdown.write_text(body, encoding="utf-8")
     return 0
+
+
+def _command(argv: list[str] | None) -> str:
+    """The nox command that runs these benchmarks with these arguments (less --markdown)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--markdown" in args:
+        at = args.index("--markdown")
+        del args[at : at + 2]
+    return "nox -s bench" + (" -- " + " ".join(args) if args else "")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from functools import cache
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any, LiteralString
 
 import psycopg
@@ -31,8 +32,12 @@ _QUERY_HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
 
 
 def sql_dir() -> Traversable:
-    """The sql/ folder shipped inside the package."""
-    return files("syncctl") / "sql"
+    """The sql/ folder shipped inside the package; in an editable install of a
+    checkout, which ships no copy, the checkout's own."""
+    packaged = files("syncctl") / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 def load_queries(folder: Traversable) -> dict[str, str]:
