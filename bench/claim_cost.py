@@ -65,7 +65,7 @@ def claim_plans(conn: Connection) -> list[str]:
 
 
 def run(server: PgServer, *, quick: bool) -> Section:
-    sizes = (10_000, 100_000) if quick else (10_000, 100_000, 1_000_000)
+    sizes = (10_000, 50_000) if quick else (10_000, 100_000, 1_000_000)
     samples = 300 if quick else 1_000
     section = Section(
         2,

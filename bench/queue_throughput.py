@@ -140,7 +140,7 @@ def _measure(server: PgServer, system: str, concurrency: int, total: int) -> flo
 
 
 def run(server: PgServer, *, quick: bool) -> Section:
-    total = 1_000 if quick else 20_000
+    total = 500 if quick else 20_000
     systems = ("syncctl", *PEERS, "bare loop")
     section = Section(
         1,

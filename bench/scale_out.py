@@ -44,7 +44,7 @@ def _drain(server: PgServer, graph: CachedGraphServer, *, processes: int, jobs: 
 
 
 def run(server: PgServer, graph: CachedGraphServer, *, quick: bool) -> Section:
-    jobs = 20 if quick else 200
+    jobs = 10 if quick else 200
     chunks = jobs * CHUNKS_PER_JOB
     for number in range(1, jobs + 1):
         graph.add_mailbox(f"scale{number}@bench.test", CHUNKS_PER_JOB)
