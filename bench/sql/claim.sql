@@ -52,5 +52,9 @@ SET auto_explain.log_timing = on;
 SET auto_explain.log_nested_statements = on;
 SET auto_explain.log_level = 'notice';
 
+-- explain_claim_call --
+-- Where auto_explain is missing: the claim call's own plan (its statements are inside it).
+EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM syncctl_claim_chunk('bench-explain', %(lease)s);
+
 -- reset_session --
 RESET ALL;
