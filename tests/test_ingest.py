@@ -138,6 +138,23 @@ def test_text_postgresql_cannot_hold_is_cleaned(conn: Connection, chunk: Chunk) 
     assert chunk_row(conn, chunk)["checkpoint"] == {"next_link": "xy"}
 
 
+@pytest.mark.parametrize(
+    ("subject", "stored_subject"),
+    [
+        ("a NUL\x00 alone", "a NUL alone"),  # refused by the server
+        ("a lone \udfff alone", "a lone \ufffd alone"),  # refused by the client
+    ],
+)
+def test_page_refused_for_its_text_is_stored_cleaned(
+    conn: Connection, chunk: Chunk, subject: str, stored_subject: str
+) -> None:
+    page = [message(1), message(2, subject=subject), message(3)]
+    synced = write_page(conn, chunk, page, checkpoint={"read": 3}, lease=LEASE)
+
+    assert synced == 3
+    assert [r["subject"] for r in emails(conn)] == ["Message 1", stored_subject, "Message 3"]
+
+
 def test_odd_and_huge_messages_are_stored(conn: Connection, chunk: Chunk) -> None:
     huge = "<p>" + "x" * (5 * 1024 * 1024) + "</p>"
     odd = [

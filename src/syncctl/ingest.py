@@ -84,7 +84,7 @@ _COPY_TYPES += [*["boolean"] * 3, *["text"] * 4]
 def _copy(conn: Connection, chunk: Chunk, messages: list[Message], *, clean: bool) -> None:
     text = clean_text if clean else _as_is
     # A savepoint: a failed COPY is undone and the page's transaction goes on.
-    with conn.transaction(), conn.cursor().copy(query("copy_emails")) as copy:
+    with conn.transaction(), conn.cursor() as cursor, cursor.copy(query("copy_emails")) as copy:
         copy.set_types(_COPY_TYPES)
         for m in messages:
             copy.write_row(

@@ -93,7 +93,7 @@ def tune_garbage_collector() -> None:
     A page of mail parses into tens of thousands of dicts, lists and
     messages, none of them in a reference cycle; with Python's default
     thresholds the cycle collector runs every 700 of them and rescans
-    what the process holds, a third of the time spent parsing a page.
+    what the process holds: about a quarter of the time spent parsing a page.
     Reference counting still frees each page as soon as it is written.
     Call once, at the start of a process that is a worker and nothing else.
     """
