@@ -10,7 +10,6 @@ alone in this process, the median of several rounds.
 
 from __future__ import annotations
 
-import gc
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ from syncctl.worker import tune_garbage_collector
 PAGES = 5
 ROUNDS = 5
 EMAIL = "pagecosts@bench.test"
-SELECT_FIELDS_LIST = list(SELECT_FIELDS)
+LEASE = timedelta(minutes=5)
 
 
 def median_ms(step: Callable[[int], Any]) -> float:
@@ -52,7 +51,7 @@ def median_ms(step: Callable[[int], Any]) -> float:
 def main() -> None:
     select = ",".join(SELECT_FIELDS)
     with CachedGraphServer({EMAIL: PAGES * MAX_PAGE_SIZE}) as server, httpx.Client() as client:
-        server.warm(EMAIL, select=SELECT_FIELDS_LIST)
+        server.warm(EMAIL, select=list(SELECT_FIELDS))
 
         def fetch(page: int) -> bytes:
             reply = client.get(
@@ -83,11 +82,11 @@ def main() -> None:
     ):
         conn.execute(bench_query("seed_jobs"), {"jobs": 1, "chunk_size": 1})
         conn.execute(bench_query("plan_chunks"), {"emails_per_job": 1})
-        chunk = queue.claim_chunk(conn, worker_id="page-costs", lease=timedelta(minutes=5))
+        chunk = queue.claim_chunk(conn, worker_id="page-costs", lease=LEASE)
         assert chunk is not None
 
         def write(page: int) -> None:
-            write_page(conn, chunk, pages[page], checkpoint={}, lease=timedelta(minutes=5))
+            write_page(conn, chunk, pages[page], checkpoint={}, lease=LEASE)
 
         # The first round stores new messages (COPY); later rounds find them stored (upsert).
         started = time.perf_counter()
@@ -101,7 +100,6 @@ def main() -> None:
     rows.append(
         ("parse_page, collector tuned as a worker", median_ms(lambda p: parse_page(bodies[p])))
     )
-    gc.unfreeze()
 
     size = statistics.mean(len(body) for body in bodies) / 1e6
     print(
