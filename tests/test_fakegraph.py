@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from helpers import WAIT, wait_for
 from syncctl.errors import BadInput
-from syncctl.fakegraph import FakeGraphServer, parse_mailboxes, serve
+from syncctl.fakegraph import FIRST_ADDED_INDEX, FakeGraphServer, parse_mailboxes, serve
 
 TOKEN = "fake-token-for-tests"  # noqa: S105 - the fake server's made-up token
 MAILBOX = "megan@contoso.com"
@@ -40,6 +42,28 @@ def get(client: httpx.Client, url: str, **params: Any) -> httpx.Response:
 
 def ids(server: FakeGraphServer, indexes: range | list[int], mailbox: str = MAILBOX) -> list[str]:
     return [server.message(mailbox, i)["id"] for i in indexes]
+
+
+def graph_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def every_page(client: httpx.Client, url: str, **params: Any) -> list[str]:
+    """The ids of a listing, following @odata.nextLink to its last page."""
+    page = get(client, url, **params).json()
+    seen = [m["id"] for m in page["value"]]
+    while "@odata.nextLink" in page:
+        page = client.get(page["@odata.nextLink"]).json()
+        seen += [m["id"] for m in page["value"]]
+    return seen
+
+
+def count(client: httpx.Client, url: str, **params: Any) -> int:
+    """The /$count of a listing, checked against its @odata.count."""
+    counted = int(get(client, url + "/$count", **params).text)
+    listed = get(client, url, **params, **{"$count": "true"}).json()
+    assert listed["@odata.count"] == counted
+    return counted
 
 
 def test_lists_ten_newest_first_by_default_with_absolute_next_link(
@@ -372,3 +396,238 @@ def test_serve_announces_url_and_token_and_serves_until_stopped() -> None:
     assert f"export SYNCCTL_GRAPH_URL={server.url}" in lines
     assert f"export SYNCCTL_GRAPH_TOKEN={TOKEN}" in lines
     assert not runner.is_alive()
+
+
+TIED = "tied@contoso.com"
+
+
+@pytest.mark.parametrize(
+    ("operators", "expected"),
+    [(("ge", "lt"), range(6, 12)), (("gt", "le"), range(9, 15)), (("ge", "le"), range(6, 15))],
+)
+def test_tied_messages_share_a_time_and_a_window_takes_whole_ties(
+    server: FakeGraphServer,
+    client: httpx.Client,
+    operators: tuple[str, str],
+    expected: range,
+) -> None:
+    server.add_mailbox(TIED, 30, same_time=3)
+    times = [server.received_at(TIED, i) for i in range(30)]
+    start, end = graph_time(times[6]), graph_time(times[12])
+    where = f"receivedDateTime {operators[0]} {start} and receivedDateTime {operators[1]} {end}"
+    listed = get(
+        client,
+        messages_url(server, TIED),
+        **{"$filter": where, "$orderby": "receivedDateTime asc", "$top": 100},
+    ).json()
+
+    assert times == sorted(times)
+    assert len(set(times)) == 10
+    assert times[6] == times[8] < times[9]
+    assert [m["id"] for m in listed["value"]] == ids(server, expected, TIED)
+    assert count(client, messages_url(server, TIED), **{"$filter": where}) == len(expected)
+
+
+def test_eq_filter_lists_every_message_of_a_tie(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    server.add_mailbox(TIED, 30, same_time=3)
+    where = f"receivedDateTime eq {graph_time(server.received_at(TIED, 7))}"
+
+    listed = get(client, messages_url(server, TIED), **{"$filter": where}).json()
+
+    assert {m["id"] for m in listed["value"]} == set(ids(server, range(6, 9), TIED))
+
+
+def test_paging_through_a_tied_mailbox_returns_every_message_once(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    server.add_mailbox(TIED, 50, same_time=4)
+    url = messages_url(server, TIED)
+
+    # Pages of three split every tie of four.
+    ascending = every_page(client, url, **{"$orderby": "receivedDateTime asc", "$top": 3})
+    descending = every_page(client, url, **{"$orderby": "receivedDateTime desc", "$top": 3})
+
+    assert ascending == ids(server, range(50), TIED)
+    assert descending == ascending[::-1]
+
+
+def test_deleted_messages_are_not_listed_counted_or_skipped_over(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    server.delete_messages(MAILBOX, [3, 5, 5])
+    server.delete_messages(MAILBOX, [5])
+    oldest = server.delete_oldest(MAILBOX, 2)
+    kept = [i for i in range(95) if i not in {0, 1, 3, 5}]
+    url = messages_url(server)
+    ascending = {"$orderby": "receivedDateTime asc"}
+    skipped = get(client, url, **ascending, **{"$skip": 2, "$top": 3}).json()
+    newest_last = get(client, url, **{"$skip": 88, "$top": 10}).json()
+    where = (
+        f"receivedDateTime ge {graph_time(server.received_at(MAILBOX, 2))}"
+        f" and receivedDateTime lt {graph_time(server.received_at(MAILBOX, 7))}"
+    )
+
+    assert oldest == ids(server, [0, 1])
+    assert server.mailbox_size(MAILBOX) == server.mailboxes[MAILBOX] == 91
+    assert count(client, url) == 91
+    assert [m["id"] for m in skipped["value"]] == ids(server, [6, 7, 8])
+    assert [m["id"] for m in newest_last["value"]] == ids(server, [6, 4, 2])
+    assert every_page(client, url, **ascending, **{"$top": 7}) == ids(server, kept)
+    assert count(client, url, **{"$filter": where}) == 3
+    assert every_page(client, url, **{"$filter": where}) == ids(server, [6, 4, 2])
+    assert server.delete_oldest(MAILBOX, 2) == ids(server, [2, 4])
+
+
+def test_deleting_a_message_the_mailbox_never_had_is_refused(server: FakeGraphServer) -> None:
+    with pytest.raises(ValueError, match="no message 95"):
+        server.delete_messages(MAILBOX, [94, 95])
+    assert server.mailbox_size(MAILBOX) == 95
+
+
+def test_added_messages_are_listed_in_received_order_among_the_others(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    at_10, at_11, at_30, at_31 = (server.received_at(MAILBOX, i) for i in (10, 11, 30, 31))
+    assert at_31 - at_30 > timedelta(seconds=2)  # room for a message strictly between
+    # Added at one time: after the generated message there, in the order added.
+    tied = server.add_messages(MAILBOX, [at_10, at_10])
+    tied += server.add_messages(MAILBOX, [at_10])
+    [between, earliest, latest] = server.add_messages(
+        MAILBOX,
+        [
+            at_30 + (at_31 - at_30) / 2,
+            server.received_at(MAILBOX, 0) - timedelta(days=1),
+            server.received_at(MAILBOX, 94) + timedelta(days=1),
+        ],
+    )
+    url = messages_url(server)
+    expected = [
+        earliest,
+        *ids(server, range(11)),
+        *tied,
+        *ids(server, range(11, 31)),
+        between,
+        *ids(server, range(31, 95)),
+        latest,
+    ]
+    window = f"receivedDateTime ge {graph_time(at_10)} and receivedDateTime lt {graph_time(at_11)}"
+    newest = get(client, url, **{"$top": 3}).json()
+
+    assert every_page(client, url, **{"$orderby": "receivedDateTime asc", "$top": 9}) == expected
+    assert [m["id"] for m in newest["value"]] == [latest, *ids(server, [94, 93])]
+    assert server.mailbox_size(MAILBOX) == count(client, url) == 101
+    assert every_page(client, url, **{"$filter": window, "$orderby": "receivedDateTime asc"}) == [
+        *ids(server, [10]),
+        *tied,
+    ]
+    assert count(client, url, **{"$filter": window}) == 4
+    added = server.message(MAILBOX, FIRST_ADDED_INDEX)
+    assert (added["id"], added["receivedDateTime"]) == (tied[0], graph_time(at_10))
+    assert {"subject", "body", "from", "conversationId"} <= set(added)
+
+
+def test_message_ids_are_what_the_mailbox_holds_after_changes(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    added = server.add_messages(
+        MAILBOX, [server.received_at(MAILBOX, 50), server.received_at(MAILBOX, 2)]
+    )
+    server.delete_messages(MAILBOX, [0, 50, FIRST_ADDED_INDEX + 1])
+    server.deliver(MAILBOX, 2)
+    server.delete_oldest(MAILBOX, 1)
+    # The one added at message 50's time stays where 50 was, before 51.
+    expected = [*ids(server, range(2, 50)), added[0], *ids(server, range(51, 97))]
+
+    assert server.message_ids(MAILBOX) == expected
+    assert server.mailbox_size(MAILBOX) == server.mailboxes[MAILBOX] == len(expected) == 95
+    assert every_page(client, messages_url(server), **{"$orderby": "receivedDateTime asc"}) == (
+        expected
+    )
+
+
+def test_before_answer_holds_chosen_requests_in_flight_until_released(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    start, end = (graph_time(server.received_at(MAILBOX, i)) for i in (10, 20))
+    where = f"receivedDateTime ge {start} and receivedDateTime lt {end}"
+    release = threading.Event()
+    hooked: list[tuple[str, str | None]] = []
+
+    def hold_the_window(mailbox: str, query: dict[str, str]) -> None:
+        hooked.append((mailbox, query.get("$filter")))
+        if query.get("$filter", "").startswith(f"receivedDateTime ge {start}"):
+            release.wait(WAIT)
+
+    answers: list[list[str]] = []
+
+    def held_request() -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {TOKEN}"}, timeout=WAIT) as http:
+            body = get(http, messages_url(server), **{"$filter": where, "$top": 100}).json()
+            answers.append([m["id"] for m in body["value"]])
+
+    server.before_answer = hold_the_window
+    threads = [threading.Thread(target=held_request) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: server.max_in_flight(MAILBOX) == 2, "two held requests in flight")
+    unheld = get(client, messages_url(server), **{"$top": 1})
+    unauthorized = httpx.get(messages_url(server))
+    server.delete_messages(MAILBOX, [10, 11])  # while held: their answers come after it
+    release.set()
+    for thread in threads:
+        thread.join(WAIT)
+
+    assert unheld.status_code == 200
+    assert unauthorized.status_code == 401
+    assert answers == [ids(server, range(19, 11, -1))] * 2
+    # Called for the held and the unheld request, not for the unauthorized one.
+    assert sorted(hooked, key=lambda call: call[1] or "") == [
+        (MAILBOX, None),
+        (MAILBOX, where),
+        (MAILBOX, where),
+    ]
+
+
+def test_before_answer_that_raises_is_answered_500_and_logged(
+    server: FakeGraphServer, client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(mailbox: str, query: dict[str, str]) -> None:
+        raise RuntimeError("the hook broke")
+
+    server.before_answer = broken
+    with caplog.at_level(logging.ERROR, logger="syncctl.fakegraph"):
+        failed = client.get(messages_url(server))
+    server.before_answer = None
+    after = client.get(messages_url(server))
+
+    assert failed.status_code == 500
+    assert failed.json()["error"]["code"] == "InternalServerError"
+    assert "the hook broke" in caplog.text
+    assert after.status_code == 200
+
+
+def test_expired_next_link_is_refused_and_a_fresh_listing_pages_on(
+    server: FakeGraphServer, client: httpx.Client
+) -> None:
+    ascending = {"$orderby": "receivedDateTime asc", "$top": 30}
+    old_link = get(client, messages_url(server), **ascending).json()["@odata.nextLink"]
+    before_expiry = client.get(old_link)
+    server.expire_links()
+    refused = client.get(old_link)
+    fresh = get(client, messages_url(server), **ascending).json()
+    new_link = fresh["@odata.nextLink"]
+    second = client.get(new_link).json()
+    third = client.get(second["@odata.nextLink"])
+
+    assert "$skip=30" in old_link
+    assert "$skiptoken=" in old_link
+    assert before_expiry.status_code == 200
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "BadRequest"
+    assert "page token is no longer valid" in refused.json()["error"]["message"]
+    assert [m["id"] for m in fresh["value"]] == ids(server, range(30))
+    assert new_link != old_link
+    assert [m["id"] for m in second["value"]] == ids(server, range(30, 60))
+    assert third.status_code == 200

@@ -7,8 +7,18 @@ default 10), ``$skip``, ``$orderby=receivedDateTime asc|desc``, a
 ``@odata.nextLink``; bearer auth; Graph's error bodies.
 
 Mailboxes are generated, not stored: message i of a mailbox is computed from
-(seed, mailbox, i), and messages are received in index order, so a window is
-found by binary search and a mailbox of millions costs no memory.
+(seed, mailbox, i), and messages are received in index order (``same_time``
+consecutive ones share one time, for ties), so a window is found by binary
+search and a mailbox of millions costs no memory.
+
+A mailbox can change while it is read, as a real one does. Deleted messages
+(``delete_messages``, ``delete_oldest``) are no longer listed, counted or
+reached by ``$skip``: the ones after them move down. Added messages
+(``add_messages``, at any times) are listed among the others in
+receivedDateTime order. Only a changed mailbox lists its window message by
+message; an unchanged one stays arithmetic. ``expire_links`` refuses every
+``@odata.nextLink`` handed out so far, and ``before_answer`` lets a test hold
+back or slow down chosen requests.
 
 Faults are switched on by the knobs (rates apply to every request) or queued
 one by one with ``fail_next``. Every request is recorded, with the most
@@ -18,10 +28,12 @@ requests a mailbox had in flight at once.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import json
 import logging
+import operator
 import random
 import re
 import secrets
@@ -31,7 +43,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +64,8 @@ RECEIVED_SPAN = timedelta(days=3653)
 MAX_STEP = 86_400
 # Requests kept in the record (a long load run must not grow without bound).
 MAX_RECORDED = 100_000
+# Messages added at chosen times are numbered from here, far above any generated one.
+FIRST_ADDED_INDEX = 10**9
 
 PROPERTIES = (
     "createdDateTime",
@@ -87,6 +101,13 @@ _MESSAGES_PATH = re.compile(
     rf"^{re.escape(API_PREFIX)}/users/(?P<mailbox>[^/]+)/messages(?P<count>/\$count)?/?$"
 )
 _FILTER_CLAUSE = re.compile(r"^\s*(?P<prop>\w+)\s+(?P<op>eq|ne|gt|ge|lt|le)\s+(?P<value>\S+)\s*$")
+_COMPARISONS: dict[str, Callable[[datetime, datetime], bool]] = {
+    "eq": operator.eq,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "lt": operator.lt,
+    "le": operator.le,
+}
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 _NAMES = (
@@ -170,12 +191,30 @@ class _Answer:
 @dataclass
 class _Mailbox:
     name: str
-    count: int
-    step: int  # seconds between consecutive messages' received slots
+    generated: int  # messages 0 .. generated-1, computed from (seed, name, index)
+    step: int  # seconds between consecutive received slots
+    same_time: int  # consecutive generated messages sharing one slot: one received time
     # This mailbox's own fault settings; None: the server's.
     throttle_rate: float | None = None
     retry_after: float | None = None
     latency: float | None = None
+    # Changes since generation: {index from FIRST_ADDED_INDEX up: received time}, and
+    # the indexes (generated or added) deleted. Entries are never taken out of `added`.
+    added: dict[int, datetime] = field(default_factory=dict)
+    deleted: set[int] = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        """Messages held now (every deleted index is one that exists)."""
+        return self.generated + len(self.added) - len(self.deleted)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.deleted)
+
+    def has(self, index: int) -> bool:
+        """Whether the index is a message of this mailbox, deleted or not."""
+        return 0 <= index < self.generated or index in self.added
 
 
 class FakeGraphServer:
@@ -189,7 +228,23 @@ class FakeGraphServer:
     answered; True for all), enforce_concurrency (a mailbox's request beyond
     this many in flight gets 429 MailboxConcurrency, as Graph does; None: no
     limit). add_mailbox can give one mailbox its own throttle_rate,
-    retry_after and latency.
+    retry_after and latency, and ties (same_time).
+
+    A mailbox changes while it is read: delete_messages and delete_oldest take
+    messages out, add_messages puts new ones in at any received times,
+    deliver appends generated ones, and message_ids says what it holds now.
+    Messages are listed in receivedDateTime order; at one time, generated
+    messages come first by index, then added ones in the order added
+    (descending is the exact reverse). Added messages are numbered from
+    FIRST_ADDED_INDEX up, so message(), received_at() and delete_messages()
+    take their indexes too.
+
+    before_answer(mailbox, query), when set, is called for every authorized
+    request to an existing mailbox once it is counted in flight, before its
+    faults, latency and answer: a test can block in it to hold the request
+    back. If it raises, the request is answered 500 and the error logged.
+    expire_links() makes every @odata.nextLink handed out so far answer 400
+    (each link carries a $skiptoken of the generation it was made in).
     """
 
     def __init__(
@@ -215,7 +270,12 @@ class FakeGraphServer:
         self.latency = latency
         self.hang = float(hang)
         self.enforce_concurrency = enforce_concurrency
+        self.before_answer: Callable[[str, dict[str, str]], None] | None = None
+        # Guards the mailboxes and the link generation; its own lock, so a
+        # listing never waits on the record or the in-flight counts.
+        self._mail_lock = threading.Lock()
         self._mailboxes: dict[str, _Mailbox] = {}
+        self._link_generation = 0
         for email, count in (mailboxes or {}).items():
             self.add_mailbox(email, count)
         self._lock = threading.Lock()
@@ -294,40 +354,109 @@ class FakeGraphServer:
         throttle_rate: float | None = None,
         retry_after: float | None = None,
         latency: float | None = None,
+        same_time: int = 1,
     ) -> None:
-        """Serve a mailbox of count messages; the fault settings given apply to
-        its requests instead of the server's (one mailbox can throttle hard)."""
-        if count < 0:
+        """Serve a mailbox of count messages, each `same_time` consecutive ones
+        received at one time; the fault settings given apply to its requests
+        instead of the server's (one mailbox can throttle hard)."""
+        if not 0 <= count < FIRST_ADDED_INDEX:
             raise ValueError(f"a mailbox cannot hold {count} messages")
-        step = max(1, min(MAX_STEP, int(RECEIVED_SPAN.total_seconds()) // max(count, 1)))
+        if same_time < 1:
+            raise ValueError(f"same_time must be at least 1, not {same_time}")
+        slots = -(-count // same_time)
+        step = max(1, min(MAX_STEP, int(RECEIVED_SPAN.total_seconds()) // max(slots, 1)))
         key = email.strip().lower()
-        self._mailboxes[key] = _Mailbox(key, count, step, throttle_rate, retry_after, latency)
+        with self._mail_lock:
+            self._mailboxes[key] = _Mailbox(
+                key, count, step, same_time, throttle_rate, retry_after, latency
+            )
 
     def remove_mailbox(self, email: str) -> None:
         """The mailbox is gone (a deleted user): its requests get 404 ErrorInvalidUser."""
-        del self._mailboxes[email.strip().lower()]
+        with self._mail_lock:
+            del self._mailboxes[email.strip().lower()]
 
     def deliver(self, email: str, count: int) -> None:
-        """New mail arrives: count more messages, received after all the others."""
-        mailbox = self._mailboxes[email.strip().lower()]
-        mailbox.count += count
+        """New mail arrives: count more generated messages, received after the
+        generated ones (added ones may be later still)."""
+        with self._mail_lock:
+            mailbox = self._mailbox(email)
+            if count < 0 or mailbox.generated + count >= FIRST_ADDED_INDEX:
+                raise ValueError(f"cannot deliver {count} messages to {mailbox.name}")
+            mailbox.generated += count
+
+    def add_messages(self, email: str, received_times: Iterable[datetime]) -> list[str]:
+        """New messages received at the given times, which may fall between or tie
+        with the others; their ids, in the order given. Times are kept to the whole
+        second, as Graph's are (naive ones are UTC). Their indexes are
+        FIRST_ADDED_INDEX, FIRST_ADDED_INDEX + 1, ... in the order added."""
+        with self._mail_lock:
+            mailbox = self._mailbox(email)
+            indexes = []
+            for received in received_times:
+                index = FIRST_ADDED_INDEX + len(mailbox.added)
+                mailbox.added[index] = _whole_second(received)
+                indexes.append(index)
+        return [_message_id(self._digest(mailbox, index)) for index in indexes]
+
+    def delete_messages(self, email: str, indexes: Iterable[int]) -> None:
+        """The messages are deleted: no longer listed, counted or reached by $skip,
+        and the ones after them move down. Deleting one again is fine."""
+        with self._mail_lock:
+            mailbox = self._mailbox(email)
+            chosen = set(indexes)
+            unknown = sorted(index for index in chosen if not mailbox.has(index))
+            if unknown:
+                raise ValueError(f"mailbox {mailbox.name} has no message {unknown[0]}")
+            mailbox.deleted |= chosen
+
+    def delete_oldest(self, email: str, count: int) -> list[str]:
+        """Delete the `count` oldest messages still in the mailbox (all of them if
+        it holds fewer); the ids deleted, oldest first."""
+        if count < 0:
+            raise ValueError(f"cannot delete {count} messages")
+        with self._mail_lock:
+            mailbox = self._mailbox(email)
+            oldest = self._listing(mailbox, [])[:count]
+            mailbox.deleted.update(oldest)
+        return [_message_id(self._digest(mailbox, index)) for index in oldest]
+
+    def message_ids(self, email: str) -> list[str]:
+        """The ids of every message the mailbox holds now, oldest first."""
+        with self._mail_lock:
+            mailbox = self._mailbox(email)
+            listing = self._listing(mailbox, [])
+        return [_message_id(self._digest(mailbox, index)) for index in listing]
+
+    def expire_links(self) -> None:
+        """Every @odata.nextLink handed out so far is refused from now on (400
+        BadRequest), as Graph refuses an expired page token; new requests, and
+        the links they hand out, work."""
+        with self._mail_lock:
+            self._link_generation += 1
 
     @property
     def mailboxes(self) -> dict[str, int]:
-        """{email: number of messages} of every mailbox served."""
-        return {name: mailbox.count for name, mailbox in self._mailboxes.items()}
+        """{email: number of messages held now} of every mailbox served."""
+        with self._mail_lock:
+            return {name: mailbox.size for name, mailbox in self._mailboxes.items()}
 
     def mailbox_size(self, email: str) -> int:
-        return self._mailboxes[email.strip().lower()].count
+        """The number of messages the mailbox holds now."""
+        with self._mail_lock:
+            return self._mailbox(email).size
 
     def received_at(self, email: str, index: int) -> datetime:
-        """When message `index` (0 is the oldest) of the mailbox was received."""
-        mailbox = self._mailboxes[email.strip().lower()]
-        return self._received(mailbox, index)
+        """When message `index` (0 is the oldest generated one) of the mailbox was received."""
+        return self._received(self._mailbox(email), index)
 
     def message(self, email: str, index: int) -> dict[str, Any]:
-        """Message `index` (0 is the oldest) as Graph's JSON, every property."""
-        return self._message(self._mailboxes[email.strip().lower()], index)
+        """Message `index` (0 is the oldest generated one) as Graph's JSON, every
+        property; a deleted message's too."""
+        return self._message(self._mailbox(email), index)
+
+    def _mailbox(self, email: str) -> _Mailbox:
+        return self._mailboxes[email.strip().lower()]
 
     # -- faults and record -----------------------------------------------
 
@@ -442,6 +571,14 @@ class FakeGraphServer:
                 headers={"WWW-Authenticate": 'Bearer realm="", error="invalid_token"'},
             )
         mailbox = self._mailboxes.get(match["mailbox"].strip().lower()) if match else None
+        before_answer = self.before_answer
+        if mailbox is not None and before_answer is not None:
+            try:
+                before_answer(mailbox.name, dict(query))
+            except Exception:
+                # A broken hook must show in the test's output, not end this thread silently.
+                log.exception("fake graph: before_answer raised for %s", mailbox.name)
+                return _error(500, "InternalServerError", "The before_answer hook raised.")
         retry_after = _own(mailbox, "retry_after", self.retry_after)
         if self.enforce_concurrency is not None and in_flight > self.enforce_concurrency:
             return _error(
@@ -493,8 +630,10 @@ class FakeGraphServer:
         return None
 
     def _count(self, mailbox: _Mailbox, query: dict[str, str]) -> _Answer:
-        low, high = self._window(mailbox, _parse_filter(query.get("$filter"), None))
-        return _Answer(200, str(high - low).encode(), content_type="text/plain; charset=utf-8")
+        clauses = _parse_filter(query.get("$filter"), None)
+        with self._mail_lock:
+            total = len(self._listing(mailbox, clauses))
+        return _Answer(200, str(total).encode(), content_type="text/plain; charset=utf-8")
 
     def _list(self, mailbox: _Mailbox, query: dict[str, str]) -> _Answer:
         top = _integer(query, "$top", DEFAULT_TOP)
@@ -508,10 +647,18 @@ class FakeGraphServer:
             query.get("$filter"), "receivedDateTime" if "$orderby" in query else None
         )
         select = _parse_select(query.get("$select"))
-        low, high = self._window(mailbox, clauses)
-        total = high - low
-        positions = range(skip, min(skip + top, total))
-        indexes = [high - 1 - p if descending else low + p for p in positions]
+        skiptoken = query.get("$skiptoken")
+        with self._mail_lock:
+            generation = self._link_generation
+            if skiptoken is not None and _link_generation_of(skiptoken) != generation:
+                raise _BadQuery(
+                    "BadRequest",
+                    "The page token is no longer valid; start again from the first page.",
+                )
+            # A range or a fresh list: safe to read once the lock is released.
+            listing = self._listing(mailbox, clauses)
+        total = len(listing)
+        indexes = (listing[::-1] if descending else listing)[skip : skip + top]
         context = f"{self.url}/$metadata#users('{quote(mailbox.name, safe='@')}')/messages"
         if select:
             context += f"({','.join(select)})"
@@ -523,7 +670,8 @@ class FakeGraphServer:
         parts += [b',"value":[', b",".join(self._message_json(mailbox, i, select) for i in indexes)]
         parts.append(b"]")
         if skip + top < total:
-            parts += [b',"@odata.nextLink":', _json(self._next_link(mailbox, query, skip + top))]
+            next_link = self._next_link(mailbox, query, skip + top, generation)
+            parts += [b',"@odata.nextLink":', _json(next_link)]
         parts.append(b"}")
         return _Answer(200, b"".join(parts), message_count=len(indexes))
 
@@ -531,16 +679,43 @@ class FakeGraphServer:
         """Message `index` of the mailbox as the JSON of one item of a page."""
         return _json(_project(self._message(mailbox, index), select))
 
-    def _next_link(self, mailbox: _Mailbox, query: dict[str, str], skip: int) -> str:
-        params = {**query, "$skip": str(skip)}
+    def _next_link(
+        self, mailbox: _Mailbox, query: dict[str, str], skip: int, generation: int
+    ) -> str:
+        # $skip places the next page; $skiptoken says which links expire_links() refuses.
+        params = {**query, "$skip": str(skip), "$skiptoken": _skiptoken(generation)}
         encoded = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
         return f"{self.url}/users/{quote(mailbox.name, safe='@')}/messages?{encoded}"
 
     # -- the generated mailbox -------------------------------------------
 
+    def _listing(self, mailbox: _Mailbox, clauses: list[tuple[str, datetime]]) -> Sequence[int]:
+        """The indexes of the messages held now matching every clause, oldest first;
+        at one received time, generated ones by index, then added ones as added."""
+        low, high = self._window(mailbox, clauses)
+        if not mailbox.changed:
+            return range(low, high)  # no per-message list: a mailbox of millions stays cheap
+        generated = [index for index in range(low, high) if index not in mailbox.deleted]
+        added = sorted(
+            (received, index)
+            for index, received in mailbox.added.items()
+            if index not in mailbox.deleted and _matches(received, clauses)
+        )
+        listing: list[int] = []
+        taken = 0
+        for received, index in added:
+            # It follows every generated message received at or before its time.
+            follows = self._first_index(mailbox, received, after=True)
+            cut = bisect.bisect_left(generated, follows, taken)
+            listing += generated[taken:cut]
+            listing.append(index)
+            taken = cut
+        listing += generated[taken:]
+        return listing
+
     def _window(self, mailbox: _Mailbox, clauses: list[tuple[str, datetime]]) -> tuple[int, int]:
-        """The index range [low, high) of messages matching every clause."""
-        low, high = 0, mailbox.count
+        """The range [low, high) of generated indexes matching every clause."""
+        low, high = 0, mailbox.generated
         for op, moment in clauses:
             first_at_or_after = self._first_index(mailbox, moment, after=False)
             first_after = self._first_index(mailbox, moment, after=True)
@@ -557,9 +732,9 @@ class FakeGraphServer:
         return low, max(low, high)
 
     def _first_index(self, mailbox: _Mailbox, moment: datetime, *, after: bool) -> int:
-        """The first index received at or (after=True) strictly after moment, by
-        binary search: received times grow with the index."""
-        low, high = 0, mailbox.count
+        """The first generated index received at or (after=True) strictly after
+        moment, by binary search: received times never decrease with the index."""
+        low, high = 0, mailbox.generated
         while low < high:
             middle = (low + high) // 2
             received = self._received(mailbox, middle)
@@ -575,17 +750,20 @@ class FakeGraphServer:
         ).digest()
 
     def _received(self, mailbox: _Mailbox, index: int) -> datetime:
-        # One slot of `step` seconds per message, a random second within it:
-        # strictly increasing, so index order is received order.
-        jitter = int.from_bytes(self._digest(mailbox, index)[:8]) % mailbox.step
-        return FIRST_RECEIVED + timedelta(seconds=index * mailbox.step + jitter)
+        if index >= FIRST_ADDED_INDEX:
+            return mailbox.added[index]  # no lock needed: an entry never changes once added
+        # One slot of `step` seconds per `same_time` messages, a random second
+        # within it: never decreasing, so index order is received order.
+        slot = index // mailbox.same_time
+        jitter = int.from_bytes(self._digest(mailbox, slot)[:8]) % mailbox.step
+        return FIRST_RECEIVED + timedelta(seconds=slot * mailbox.step + jitter)
 
     def _message(self, mailbox: _Mailbox, index: int) -> dict[str, Any]:
         digest = self._digest(mailbox, index)
         rng = random.Random(int.from_bytes(digest[8:]))
         received = self._received(mailbox, index)
         sent = received - timedelta(seconds=rng.randrange(1, 300))
-        message_id = "AAMkAG" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        message_id = _message_id(digest)
 
         # Consecutive messages form threads of up to four: one conversation, one subject.
         thread = index // 4
@@ -759,6 +937,36 @@ def _json(document: Any) -> bytes:
     # Graph sends a lone surrogate escaped; raw, it could not be UTF-8.
     text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     return text.encode("utf-8")
+
+
+def _message_id(digest: bytes) -> str:
+    """The Graph id of the message whose digest this is."""
+    return "AAMkAG" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def _whole_second(moment: datetime) -> datetime:
+    """A received time as Graph keeps it: UTC (naive means UTC), whole seconds."""
+    utc = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return utc.replace(microsecond=0)
+
+
+def _matches(received: datetime, clauses: list[tuple[str, datetime]]) -> bool:
+    return all(_COMPARISONS[op](received, moment) for op, moment in clauses)
+
+
+def _skiptoken(generation: int) -> str:
+    """An opaque page token naming the generation of links it belongs to."""
+    return base64.urlsafe_b64encode(f"links:{generation}".encode()).decode().rstrip("=")
+
+
+def _link_generation_of(skiptoken: str) -> int | None:
+    """The generation a $skiptoken was handed out in; None if it is not one of ours."""
+    try:
+        text = base64.urlsafe_b64decode(skiptoken + "=" * (-len(skiptoken) % 4)).decode()
+        kind, _, number = text.partition(":")
+        return int(number) if kind == "links" else None
+    except ValueError:  # not base64, not UTF-8, or no number
+        return None
 
 
 def _seconds(value: float) -> str:
