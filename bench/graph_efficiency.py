@@ -13,7 +13,8 @@ import math
 from bench.common import PgServer, Section, Target, fresh_database, ratio
 from bench.ingest_throughput import mailboxes
 from bench.mail import CachedGraphServer, run_worker, syncctl, syncctl_env
-from syncctl.graph import MAILBOX_CONCURRENCY, MAX_PAGE_SIZE, SELECT_FIELDS
+from syncctl.graph import SELECT_FIELDS
+from syncctl.mailsource import MAILBOX_CONCURRENCY, PAGE_SIZE
 
 LATENCY = 0.05
 
@@ -26,7 +27,7 @@ def run(server: PgServer, graph: CachedGraphServer, *, quick: bool) -> Section:
         "Graph efficiency",
         f"A {size:,}-message mailbox, {LATENCY * 1000:.0f} ms added to every request by the "
         "local Graph server. The minimum is one count plus one request per page of "
-        f"{MAX_PAGE_SIZE:,}; the latency-bound limit is requests × {LATENCY * 1000:.0f} ms ÷ "
+        f"{PAGE_SIZE:,}; the latency-bound limit is requests × {LATENCY * 1000:.0f} ms ÷ "
         f"{MAILBOX_CONCURRENCY} in flight (Graph's per-mailbox limit).",
     )
     graph.latency = LATENCY
@@ -45,7 +46,7 @@ def run(server: PgServer, graph: CachedGraphServer, *, quick: bool) -> Section:
     pages = [r for r in served if not r.path.endswith("/$count")]
     if not pages or any(r.status != 200 for r in served):
         raise RuntimeError(f"unexpected answers: {sorted({r.status for r in served})}")
-    minimum = 1 + math.ceil(size / MAX_PAGE_SIZE)
+    minimum = 1 + math.ceil(size / PAGE_SIZE)
     wall = sum(r.answered_at - r.received_at for r in counts) + (
         max(r.answered_at for r in pages) - min(r.received_at for r in pages)
     )

@@ -27,8 +27,9 @@ from bench.common import bench_connect, bench_query, fresh_database, pg_server
 from bench.mail import CachedGraphServer
 from syncctl import queue
 from syncctl.cleantext import clean_escapes
-from syncctl.graph import MAX_PAGE_SIZE, SELECT_FIELDS, parse_page
+from syncctl.graph import SELECT_FIELDS, parse_page
 from syncctl.ingest import write_page
+from syncctl.mailsource import PAGE_SIZE
 from syncctl.worker import tune_garbage_collector
 
 PAGES = 5
@@ -50,13 +51,13 @@ def median_ms(step: Callable[[int], Any]) -> float:
 
 def main() -> None:
     select = ",".join(SELECT_FIELDS)
-    with CachedGraphServer({EMAIL: PAGES * MAX_PAGE_SIZE}) as server, httpx.Client() as client:
+    with CachedGraphServer({EMAIL: PAGES * PAGE_SIZE}) as server, httpx.Client() as client:
         server.warm(EMAIL, select=list(SELECT_FIELDS))
 
         def fetch(page: int) -> bytes:
             reply = client.get(
                 f"{server.url}/users/{EMAIL}/messages",
-                params={"$top": MAX_PAGE_SIZE, "$skip": page * MAX_PAGE_SIZE, "$select": select},
+                params={"$top": PAGE_SIZE, "$skip": page * PAGE_SIZE, "$select": select},
                 headers={"Authorization": f"Bearer {server.token}"},
             )
             reply.raise_for_status()
@@ -103,7 +104,7 @@ def main() -> None:
 
     size = statistics.mean(len(body) for body in bodies) / 1e6
     print(
-        f"ms per page of {MAX_PAGE_SIZE:,} messages ({size:.2f} MB of JSON), "
+        f"ms per page of {PAGE_SIZE:,} messages ({size:.2f} MB of JSON), "
         f"median of {ROUNDS} rounds of {PAGES} pages:"
     )
     width = max(len(name) for name, _ in rows)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from syncctl.mailsource import MailSourceError, Message, Page, Window
+from syncctl.mailsource import MailSourceError, Message, NextLinkExpired, Page, Window
 
 FIRST_RECEIVED = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -37,7 +37,8 @@ class FetchCall:
     skip: int
     top: int
     next_link: str | None
-    position: int  # index in the window of the first message asked for
+    window: Window  # the window listed: the link's own when following one
+    position: int  # index in that window of the first message asked for
     returned: int = 0
 
 
@@ -61,9 +62,21 @@ class FakeMailSource:
     max_in_flight: dict[str, int] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # Links handed out before this generation are refused.
+    _links_from: int = field(default=0, init=False, repr=False)
+
+    def expire_links(self) -> None:
+        """Refuse every next link handed out so far (NextLinkExpired), as Graph
+        refuses one it no longer knows; links handed out later work."""
+        with self._lock:
+            self._links_from += 1
 
     def count(self, mailbox: str, window: Window) -> int:
         return len(self._window_indexes(mailbox, window))
+
+    def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
+        indexes = self._window_indexes(mailbox, window)
+        return received_at(indexes[position]) if position < len(indexes) else None
 
     def fetch_page(
         self,
@@ -75,12 +88,13 @@ class FakeMailSource:
         next_link: str | None = None,
     ) -> Page:
         if next_link is not None:
-            link_mailbox, position, page_top = decode_link(next_link)
+            # A link stands for itself, as Graph's do: the window given with it is ignored.
+            link_mailbox, window, position, page_top, _ = decode_link(next_link)
             assert link_mailbox == mailbox, "a next link was used for another mailbox"
         else:
             position, page_top = skip, top
         with self._lock:
-            call = FetchCall(len(self.calls) + 1, mailbox, skip, top, next_link, position)
+            call = FetchCall(len(self.calls) + 1, mailbox, skip, top, next_link, window, position)
             self.calls.append(call)
             self._in_flight[mailbox] = self._in_flight.get(mailbox, 0) + 1
             self.max_in_flight[mailbox] = max(
@@ -95,6 +109,8 @@ class FakeMailSource:
     def _serve(self, call: FetchCall, window: Window, position: int, top: int) -> Page:
         if self.before_fetch is not None:
             self.before_fetch(call)
+        if call.next_link is not None and decode_link(call.next_link)[4] < self._links_from:
+            raise NextLinkExpired(f"fake: next link of {call.mailbox} refused")
         if self.page_delay:
             time.sleep(self.page_delay)
         if call.number in self.transient_on_calls:
@@ -109,7 +125,9 @@ class FakeMailSource:
             self.calls[call.number - 1] = replace(call, returned=len(served))
         return Page(
             messages=[_message(call.mailbox, i) for i in served],
-            next_link=encode_link(call.mailbox, end, top) if more else None,
+            next_link=encode_link(call.mailbox, window, end, top, self._links_from)
+            if more
+            else None,
         )
 
     def _window_indexes(self, mailbox: str, window: Window) -> list[int]:
@@ -127,16 +145,40 @@ class FakeMailSource:
             return [c for c in self.calls if c.mailbox == mailbox]
 
 
-def encode_link(mailbox: str, position: int, top: int) -> str:
-    payload = json.dumps({"mailbox": mailbox, "position": position, "top": top})
+def encode_link(mailbox: str, window: Window, position: int, top: int, generation: int) -> str:
+    payload = json.dumps(
+        {
+            "mailbox": mailbox,
+            "from": _iso(window.received_from),
+            "to": _iso(window.received_to),
+            "position": position,
+            "top": top,
+            "generation": generation,
+        }
+    )
     return "fake-next:" + base64.urlsafe_b64encode(payload.encode()).decode()
 
 
-def decode_link(link: str) -> tuple[str, int, int]:
-    """The mailbox, position and page size a next link stands for."""
+def decode_link(link: str) -> tuple[str, Window, int, int, int]:
+    """The mailbox, window, position, page size and generation a next link stands for."""
     assert link.startswith("fake-next:"), f"not a next link of this source: {link!r}"
     decoded = json.loads(base64.urlsafe_b64decode(link[len("fake-next:") :]))
-    return str(decoded["mailbox"]), int(decoded["position"]), int(decoded["top"])
+    window = Window(_time(decoded["from"]), _time(decoded["to"]))
+    return (
+        str(decoded["mailbox"]),
+        window,
+        int(decoded["position"]),
+        int(decoded["top"]),
+        int(decoded["generation"]),
+    )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
 
 
 def _message(mailbox: str, index: int) -> Message:
@@ -160,6 +202,12 @@ class CountOnly:
 
     def count(self, mailbox: str, window: Window) -> int:
         return self.counts.get(mailbox, self.messages)
+
+    def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
+        """A second per message from the window's start (or FIRST_RECEIVED)."""
+        moment = (window.received_from or FIRST_RECEIVED) + timedelta(seconds=position)
+        within = window.received_to is None or moment < window.received_to
+        return moment if within and position < self.counts.get(mailbox, self.messages) else None
 
     def fetch_page(
         self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None

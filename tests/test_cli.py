@@ -14,10 +14,11 @@ import typer
 from typer.testing import CliRunner, Result
 
 import syncctl.worker
+from fakes import CountOnly
 from syncctl import cli, jobs, queue, reports
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
-from syncctl.mailsource import MailSourceError, Page, Window
+from syncctl.mailsource import MailSourceError, Window
 from syncctl.migrate import migration_files
 from syncctl.queue import Chunk
 
@@ -28,10 +29,9 @@ Invoke = Callable[..., Result]
 
 
 @dataclass
-class CountingSource:
+class CountingSource(CountOnly):
     """A mail source that counts (what `create` needs) and remembers what it was asked."""
 
-    counts: dict[str, int] = field(default_factory=dict)
     error: MailSourceError | None = None
     windows: list[Window] = field(default_factory=list)
 
@@ -39,12 +39,7 @@ class CountingSource:
         if self.error:
             raise self.error
         self.windows.append(window)
-        return self.counts.get(mailbox, 2500)
-
-    def fetch_page(
-        self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
-    ) -> Page:
-        raise AssertionError("the command line never fetches mail itself")
+        return super().count(mailbox, window)
 
 
 @pytest.fixture
@@ -111,7 +106,7 @@ def new_job(conn: Connection, email: str, messages: int = 2500, max_attempts: in
     jobs.add_store(conn, name=email.split("@", maxsplit=1)[0], email=email)
     return jobs.create_job(
         conn,
-        CountingSource({email: messages}),
+        CountOnly(counts={email: messages}),
         store_ref=email,
         chunk_size=1000,
         max_attempts=max_attempts,
@@ -276,19 +271,31 @@ def test_create_prints_the_job_id_window_and_chunk_plan(
 
     created = data(invoke("create", "a@example.com", "--chunk-size", "1000", "--json"))
 
+    # Windows cut at the received times of messages 1000 and 2000, tiling the job's window.
+    first, second = (
+        source.received_at("a@example.com", Window(None, None), p) for p in (1000, 2000)
+    )
+    assert first is not None
+    assert second is not None
     assert [
-        (c["chunk_index"], c["start_offset"], c["end_offset"], c["estimated_emails"])
+        (c["chunk_index"], c["window_start"], c["window_end"], c["estimated_emails"])
         for c in created["chunks"]
-    ] == [(1, 0, 999, 1000), (2, 1000, 1999, 1000), (3, 2000, 2499, 500)]
+    ] == [
+        (1, None, first.isoformat(), 1000),
+        (2, first.isoformat(), second.isoformat(), 1000),
+        (3, second.isoformat(), created["window"]["to"], 500),
+    ]
     assert created["estimated_emails"] == 2500
+    assert created["parallel"] == 4
     assert created["window"]["from"] is None
     assert created["window"]["to"] is not None
     assert status_of(conn, UUID(created["job_id"])) == "pending"
 
-    text = invoke("create", "a@example.com", "--force")
+    text = invoke("create", "a@example.com", "--chunk-size", "1000", "--parallel", "2", "--force")
     assert text.exit_code == 0, text.output
-    assert "2000" in text.stdout
-    assert "2499" in text.stdout
+    assert "the first message" in text.stdout
+    assert f"{second:%Y-%m-%d %H:%M:%S}Z" in text.stdout
+    assert "at once:    2" in text.stdout
 
 
 def test_create_sizes_chunks_to_the_mailbox_when_no_chunk_size_is_given(
@@ -301,8 +308,19 @@ def test_create_sizes_chunks_to_the_mailbox_when_no_chunk_size_is_given(
     big = data(invoke("create", "big@example.com", "--json"))
     small = data(invoke("create", "small@example.com", "--json"))
 
-    assert (big["chunk_size"], len(big["chunks"])) == (3000, 40)
+    # Four chunks, one round of the four that may run at once; whole pages each.
+    assert (big["chunk_size"], len(big["chunks"])) == (30_000, 4)
     assert (small["chunk_size"], len(small["chunks"])) == (1000, 3)
+
+    jobs.add_store(conn, name="huge", email="huge@example.com")
+    jobs.add_store(conn, name="one", email="one@example.com")
+    source.counts.update({"huge@example.com": 1_000_000, "one@example.com": 120_000})
+    huge = data(invoke("create", "huge@example.com", "--json"))
+    one_at_a_time = data(invoke("create", "one@example.com", "--parallel", "1", "--json"))
+
+    # No chunk holds more than 50,000 messages: five rounds of four.
+    assert (huge["chunk_size"], len(huge["chunks"])) == (50_000, 20)
+    assert (one_at_a_time["chunk_size"], len(one_at_a_time["chunks"])) == (40_000, 3)
 
 
 def test_create_takes_the_store_id_and_a_window(invoke: Invoke, source: CountingSource) -> None:

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from fakes import FakeMailSource, FetchCall
+from fakes import FakeMailSource, FetchCall, received_at
 from helpers import WAIT, WorkerThread, quick_graph_settings, wait_for
 from syncctl import cli
 from syncctl.config import DatabaseTarget
@@ -155,7 +155,8 @@ def test_worker_serves_every_metric_and_counts_claims_outcomes_and_messages(
     transient_done = threading.Event()
 
     def fail_chunk_two_once(call: FetchCall) -> None:
-        if call.mailbox == good and call.position == 1000 and not transient_done.is_set():
+        second_chunk = call.window.received_from == received_at(1000)
+        if call.mailbox == good and second_chunk and not transient_done.is_set():
             transient_done.set()
             raise MailSourceError("fake: connection reset")
 

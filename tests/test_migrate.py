@@ -328,11 +328,19 @@ def test_upgrade_keeps_every_row_and_brings_them_under_the_rules(legacy_conn: Co
         "SELECT attempts, max_attempts FROM chunked_sync_jobs WHERE id = %s", [chunk_id(5, 2)]
     ).fetchone()
     assert nulls == {"attempts": 0, "max_attempts": 3}
+    # Jobs planned before time windows keep their offsets, one chunk at a time.
+    shapes = legacy_conn.execute(
+        "SELECT DISTINCT q.parallel, c.window_end FROM sync_queue q"
+        "  JOIN chunked_sync_jobs c ON c.parent_sync_job_id = q.id"
+    ).fetchall()
+    assert shapes == [{"parallel": 1, "window_end": None}]
     # A store registered without a business can sync: the original demanded one.
-    legacy_conn.execute(
-        "INSERT INTO sync_queue (store_id, business_id) VALUES (%s, NULL)",
+    new = legacy_conn.execute(
+        "INSERT INTO sync_queue (store_id, business_id) VALUES (%s, NULL) RETURNING parallel",
         ["50000000-0000-0000-0000-000000000003"],
-    )
+    ).fetchone()
+    # Jobs made from now on run up to four chunks at once unless told otherwise.
+    assert new == {"parallel": 4}
 
 
 def test_upgraded_queue_reaps_the_stuck_chunk_and_claims_heads_in_order(

@@ -40,6 +40,7 @@ def report_row(**changes: Any) -> dict[str, Any]:
         "created_at": START,
         "started_at": START,
         "completed_at": None,
+        "synced_through": None,
         "sampled_at": START,
     }
     row.update(changes)
@@ -115,13 +116,14 @@ def test_finished_job_shows_its_average_rate_and_no_eta() -> None:
                 status="completed",
                 chunks_done=4,
                 completed_at=START + timedelta(seconds=30),
+                synced_through=START,
             )
         ]
     )
 
     assert job.rate == pytest.approx(300.0)
     assert job.eta is None
-    assert progress.plain_line(job).endswith("ETA -")
+    assert progress.plain_line(job).endswith(f"ETA -, synced through {START:%Y-%m-%d %H:%M:%S}Z")
 
 
 def test_job_not_started_has_no_rate_yet() -> None:
@@ -146,7 +148,13 @@ def stuck_and_healthy() -> list[progress.JobProgress]:
                     {"chunk_index": 2, "worker_id": "host:42:ab", "reason": "lease expired"}
                 ],
             ),
-            at(10, 4000, job_id=UUID(int=2), store_email="fine@example.com"),
+            at(
+                10,
+                4000,
+                job_id=UUID(int=2),
+                store_email="fine@example.com",
+                synced_through=START,
+            ),
         ]
     )
 
@@ -168,7 +176,9 @@ def test_frame_highlights_and_names_stuck_chunks() -> None:
 
 def test_frame_shows_chunks_messages_rate_eta_failed_and_retried() -> None:
     console = terminal()
-    [job] = progress.RateMeter().measure([at(10, 2500, chunks_failed=1, retried=3)])
+    [job] = progress.RateMeter().measure(
+        [at(10, 2500, chunks_failed=1, retried=3, synced_through=START)]
+    )
 
     console.print(progress.render([job]))
 
@@ -183,8 +193,19 @@ def test_frame_shows_chunks_messages_rate_eta_failed_and_retried() -> None:
         "ETA",
         "failed",
         "retried",
+        "synced",
+        "through",
     ]
-    assert row.split()[-6:] == ["2/4", "2,500/10,000", "250/s", "30s", "1", "3"]
+    assert row.split()[-8:] == [
+        "2/4",
+        "2,500/10,000",
+        "250/s",
+        "30s",
+        "1",
+        "3",
+        f"{START:%Y-%m-%d}",
+        f"{START:%H:%M:%S}Z",
+    ]
 
 
 def test_frame_takes_two_lines_per_job_on_a_narrow_terminal() -> None:
@@ -196,6 +217,8 @@ def test_frame_takes_two_lines_per_job_on_a_narrow_terminal() -> None:
     assert all(len(line) <= 60 for line in lines)
     assert lines[1].strip() == "3,000/10,000 messages, 300/s, ETA 24s, 0 failed, 0 retried"
     assert "stuck" in lines[0]
+    # A watermark, once there is one, on a line of its own.
+    assert lines[4].strip() == f"synced through {START:%Y-%m-%d %H:%M:%S}Z"
 
 
 def test_frame_without_jobs_says_so() -> None:

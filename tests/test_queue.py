@@ -17,11 +17,12 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from fakes import CountOnly
 from helpers import wait_for
 from syncctl.db import Connection
 from syncctl.errors import BadInput
 from syncctl.ingest import LeaseLost, write_page
-from syncctl.jobs import add_store
+from syncctl.jobs import add_store, create_job
 from syncctl.operations import cancel_job
 from syncctl.queue import (
     Chunk,
@@ -209,6 +210,153 @@ def test_claim_orders_jobs_by_priority_then_age(conn: Connection) -> None:
         (unset, 1),  # the original allowed no priority: after every job that has one
         None,
     ]
+
+
+# --- parallel chunks, the watermark, fair claims ---------------------------------------
+
+
+def window_job(conn: Connection, *, chunks: int, parallel: int = 4) -> UUID:
+    """A job of `chunks` time-window chunks of one message each, as `syncctl create` makes."""
+    n = next(_mailboxes)
+    store = add_store(conn, name=f"store {n}", email=f"box{n}@example.com")
+    created = create_job(
+        conn, CountOnly(chunks), store_ref=store["email"], chunk_size=1, parallel=parallel
+    )
+    assert len(created.chunks) == chunks
+    return created.job_id
+
+
+def synced_through(conn: Connection, job_id: UUID) -> datetime | None:
+    value: datetime | None = job_row(conn, job_id)["synced_through"]
+    return value
+
+
+def window_starts(conn: Connection, job_id: UUID) -> list[datetime | None]:
+    rows = conn.execute(
+        "SELECT window_start FROM chunked_sync_jobs WHERE parent_sync_job_id = %s"
+        " ORDER BY chunk_index",
+        [job_id],
+    ).fetchall()
+    return [row["window_start"] for row in rows]
+
+
+def test_claim_runs_up_to_parallel_chunks_of_a_job_lowest_first(conn: Connection) -> None:
+    job = window_job(conn, chunks=5, parallel=3)
+
+    first, second, third = (must(claim(conn, f"w{n}")) for n in (1, 2, 3))
+
+    assert [c.chunk_index for c in (first, second, third)] == [1, 2, 3]
+    assert job_row(conn, job)["chunks_in_flight"] == 3
+    assert claim(conn, "w4") is None
+    finish_chunk(conn, second, "completed")
+    assert head(claim(conn, "w4")) == (job, 4)
+    finish_chunk(conn, first, "completed")
+    assert head(claim(conn, "w5")) == (job, 5)
+    assert claim(conn, "w6") is None
+
+
+def test_chunk_in_backoff_holds_its_place_among_the_chunks_that_may_run(
+    conn: Connection,
+) -> None:
+    job = window_job(conn, chunks=4, parallel=2)
+    first, second = must(claim(conn)), must(claim(conn))
+    finish_chunk(conn, first, "error", error="reset", retry_base=timedelta(hours=1))
+
+    # Chunk 1 waits out its backoff and chunk 2 runs: chunk 3 is not among the first two.
+    assert claim(conn) is None
+    finish_chunk(conn, second, "completed")
+    assert head(claim(conn)) == (job, 3)
+
+
+def test_parallel_1_is_the_sequential_rule(conn: Connection) -> None:
+    job = window_job(conn, chunks=3, parallel=1)
+
+    first = must(claim(conn, "w1"))
+    assert claim(conn, "w2") is None
+    finish_chunk(conn, first, "completed")
+    assert head(claim(conn, "w2")) == (job, 2)
+
+
+def test_watermark_moves_in_order_while_chunks_finish_out_of_order(conn: Connection) -> None:
+    job = window_job(conn, chunks=4)
+    starts = window_starts(conn, job)
+    chunks = {c.chunk_index: c for c in (must(claim(conn)) for _ in range(4))}
+    assert synced_through(conn, job) is None
+
+    seen = []
+    for index in (3, 2, 1, 4):
+        finish_chunk(conn, chunks[index], "completed")
+        seen.append(synced_through(conn, job))
+
+    # 3 and 2 done leave it where chunk 1 starts (nothing yet); 1 done carries it past 2
+    # and 3 to where 4 starts; the last one, to the end of the job's window.
+    assert seen == [None, None, starts[3], job_row(conn, job)["sync_to"]]
+    assert job_row(conn, job)["status"] == "completed"
+
+
+def test_watermark_stops_at_a_failed_chunk_and_never_moves_back(conn: Connection) -> None:
+    job = window_job(conn, chunks=3)
+    starts = window_starts(conn, job)
+    first, second, third = (must(claim(conn)) for _ in range(3))
+    finish_chunk(conn, first, "completed")
+    assert synced_through(conn, job) == starts[1]
+
+    finish_chunk(conn, second, "permanent", error="mailbox not found")
+    finish_chunk(conn, third, "completed")
+
+    assert synced_through(conn, job) == starts[1]
+    assert job_row(conn, job)["status"] == "failed"
+    # Hand-run SQL rewinding a chunk does not take the watermark back.
+    conn.execute(
+        "UPDATE chunked_sync_jobs SET status = 'pending', attempts = 0"
+        " WHERE parent_sync_job_id = %s AND chunk_index = 1",
+        [job],
+    )
+    conn.execute("UPDATE sync_queue SET status = 'pending' WHERE id = %s", [job])
+    conn.execute("SELECT syncctl_refresh_job(%s)", [job])
+    assert synced_through(conn, job) == starts[1]
+
+
+def test_job_without_messages_is_synced_through_its_whole_window(conn: Connection) -> None:
+    store = add_store(conn, name="empty", email="empty@example.com")
+    job = create_job(conn, CountOnly(0), store_ref=store["email"]).job_id
+
+    row = job_row(conn, job)
+    assert (row["status"], row["synced_through"]) == ("completed", row["sync_to"])
+
+
+def test_one_slot_serves_the_jobs_of_equal_priority_in_turn(conn: Connection) -> None:
+    a = window_job(conn, chunks=5)
+    b = window_job(conn, chunks=1)
+    c = window_job(conn, chunks=2)
+    names = {a: "A", b: "B", c: "C"}
+
+    order = []
+    while (chunk := claim(conn)) is not None:
+        order.append(f"{names[chunk.parent_sync_job_id]}{chunk.chunk_index}")
+        finish_chunk(conn, chunk, "completed")
+
+    assert order == ["A1", "B1", "C1", "A2", "C2", "A3", "A4", "A5"]
+
+
+def test_claim_prefers_the_job_with_fewer_chunks_in_flight(conn: Connection) -> None:
+    older = window_job(conn, chunks=3)
+    newer = window_job(conn, chunks=3)
+
+    order = [head(claim(conn, f"w{n}")) for n in range(4)]
+
+    assert order == [(older, 1), (newer, 1), (older, 2), (newer, 2)]
+
+
+def test_priority_comes_before_chunks_in_flight(conn: Connection) -> None:
+    low = window_job(conn, chunks=2)
+    high = window_job(conn, chunks=3, parallel=2)
+    conn.execute("UPDATE sync_queue SET priority = 5 WHERE id = %s", [high])
+
+    order = [head(claim(conn, f"w{n}")) for n in range(4)]
+
+    # The high-priority job runs as many chunks as it may before the other gets one.
+    assert order == [(high, 1), (high, 2), (low, 1), (low, 2)]
 
 
 def test_store_cannot_have_two_active_jobs(conn: Connection) -> None:

@@ -158,13 +158,14 @@ def test_success_rate_has_no_rate_before_any_chunk_finished(conn: Connection) ->
 
 
 def test_problem_stores_lists_stores_with_failed_chunks_in_the_period(conn: Connection) -> None:
-    new_job(conn, "bad@example.com", messages=2000)
-    finish(conn, claim(conn), "permanent")
+    bad = new_job(conn, "bad@example.com", messages=2000)
     new_job(conn, "good@example.com", messages=1000)
     old = new_job(conn, "old@example.com", messages=1000)
-    finish(conn, claim(conn), "completed")  # bad's second chunk
-    finish(conn, claim(conn), "completed")  # good's chunk
-    finish(conn, claim(conn), "permanent")  # old's chunk
+    # bad's first chunk and old's only chunk fail; the others complete.
+    failing = {(bad, 1), (old, 1)}
+    while chunk := queue.claim_chunk(conn, worker_id="w1", lease=LEASE):
+        failed = (chunk.parent_sync_job_id, chunk.chunk_index) in failing
+        finish(conn, chunk, "permanent" if failed else "completed")
     backdate_chunks(conn, old, 2)
 
     recent = reports.problem_stores(conn, since=DAY)

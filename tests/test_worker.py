@@ -18,13 +18,14 @@ import pytest
 import syncctl.worker as worker_module
 from fakes import FakeMailSource, FetchCall, message_id, received_at
 from helpers import WAIT, WorkerThread, wait_for
+from syncctl.chunkread import fetch, reader_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
 from syncctl.ingest import LeaseLost, write_page
 from syncctl.jobs import add_store, create_job
-from syncctl.mailsource import MailSourceError, Window
+from syncctl.mailsource import MailSourceError, Page, Window
 from syncctl.operations import cancel_job
-from syncctl.queue import claim_chunk, finish_chunk, heartbeat, reap
+from syncctl.queue import Chunk, claim_chunk, finish_chunk, heartbeat, reap
 from syncctl.worker import WorkerOptions, run_worker
 
 # Tiny leases and backoffs keep every test fast.
@@ -65,6 +66,7 @@ def new_job(
     chunk_size: int,
     max_attempts: int = 3,
     received_from: datetime | None = None,
+    parallel: int = 4,
 ) -> UUID:
     add_store(conn, name=email.split("@", maxsplit=1)[0], email=email)
     return create_job(
@@ -74,6 +76,7 @@ def new_job(
         chunk_size=chunk_size,
         max_attempts=max_attempts,
         received_from=received_from,
+        parallel=parallel,
     ).job_id
 
 
@@ -112,9 +115,10 @@ def job_status(conn: Connection, job_id: UUID) -> str:
 # -- order and exactly-once ---------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [2, 8])
-def test_racing_workers_never_run_two_chunks_of_one_job_at_once(
+@pytest.mark.parametrize(("workers", "parallel"), [(2, 1), (8, 1), (8, 3)])
+def test_racing_workers_never_run_more_chunks_of_a_job_at_once_than_it_allows(
     workers: int,
+    parallel: int,
     conn: Connection,
     make_conn: Callable[[], Connection],
     start_worker: Callable[..., WorkerThread],
@@ -122,7 +126,7 @@ def test_racing_workers_never_run_two_chunks_of_one_job_at_once(
     mailboxes = [f"racer{n}@example.com" for n in range(3)]
     # Three pages per chunk, each taking a moment, so overlapping chunks would overlap in time.
     source = FakeMailSource(dict.fromkeys(mailboxes, 200), max_page=10, page_delay=0.002)
-    jobs = [new_job(conn, source, m, chunk_size=25) for m in mailboxes]
+    jobs = [new_job(conn, source, m, chunk_size=25, parallel=parallel) for m in mailboxes]
 
     sampler_conn = make_conn()
     most_at_once: list[int] = []
@@ -147,21 +151,23 @@ def test_racing_workers_never_run_two_chunks_of_one_job_at_once(
         sampling.set()
         sampler.join()
 
-    assert max(most_at_once) == 1
-    assert source.max_in_flight == dict.fromkeys(mailboxes, 1)
+    assert 1 <= max(most_at_once) <= parallel
+    assert all(1 <= source.max_in_flight[m] <= parallel for m in mailboxes)
     worker_ids = set()
     for job_id, mailbox in zip(jobs, mailboxes, strict=True):
         assert job_status(conn, job_id) == "completed"
-        by_completion = conn.execute(
-            "SELECT chunk_index FROM chunked_sync_jobs WHERE parent_sync_job_id = %s"
-            " ORDER BY completed_at",
-            [job_id],
-        ).fetchall()
-        assert [r["chunk_index"] for r in by_completion] == list(range(1, 9))
+        # Claimed lowest chunk first; with parallel 1 also completed in that order.
         claims = attempts(conn, job_id)
         assert [(a["chunk_index"], a["outcome"]) for a in claims] == [
             (i, "completed") for i in range(1, 9)
         ]
+        if parallel == 1:
+            by_completion = conn.execute(
+                "SELECT chunk_index FROM chunked_sync_jobs WHERE parent_sync_job_id = %s"
+                " ORDER BY completed_at",
+                [job_id],
+            ).fetchall()
+            assert [r["chunk_index"] for r in by_completion] == list(range(1, 9))
         worker_ids |= {a["worker_id"] for a in claims}
         assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(200)]
     assert len(worker_ids) >= 2, "the workers did not share the jobs"
@@ -191,41 +197,64 @@ def test_multi_chunk_job_stores_every_message_once_and_last_chunk_reads_to_windo
     assert last["emails_synced"] == 160
 
 
-def test_killed_workers_chunk_is_reaped_and_resumed_from_its_checkpoint(
-    conn: Connection, start_worker: Callable[..., WorkerThread]
-) -> None:
-    mailbox = "crash@example.com"
-    source = FakeMailSource({mailbox: 100}, max_page=10)
-    job_id = new_job(conn, source, mailbox, chunk_size=50)
-    # A worker claims chunk 1, writes one page, and dies: no heartbeat, no finish.
+def die_after_one_page(
+    conn: Connection, source: FakeMailSource, mailbox: str
+) -> tuple[Chunk, Page]:
+    """A worker claims the next chunk, writes its first page, and dies: no heartbeat, no finish."""
     dead = claim_chunk(conn, worker_id="dead-worker", lease=timedelta(milliseconds=300))
     assert dead is not None
-    assert dead.chunk_index == 1
-    window_row = conn.execute("SELECT sync_to FROM sync_queue WHERE id = %s", [job_id]).fetchone()
-    assert window_row is not None
-    page = source.fetch_page(mailbox, Window(None, window_row["sync_to"]), skip=0, top=50)
+    reader = reader_for(dead, Window(None, None))
+    request = reader.next_request()
+    assert request is not None
+    page = fetch(source, mailbox, request)
     write_page(
         conn,
         dead,
-        page.messages,
-        checkpoint={"next_link": page.next_link, "read": 10},
+        reader.advance(page),
+        checkpoint=reader.checkpoint(),
         lease=timedelta(milliseconds=300),
     )
+    return dead, page
+
+
+@pytest.mark.parametrize("link", ["kept", "refused"])
+def test_killed_workers_chunk_is_reaped_and_resumed_inside_its_window(
+    link: str, conn: Connection, start_worker: Callable[..., WorkerThread]
+) -> None:
+    mailbox = "crash@example.com"
+    source = FakeMailSource({mailbox: 100}, max_page=10)
+    job_id = new_job(conn, source, mailbox, chunk_size=50, parallel=1)
+    dead, page = die_after_one_page(conn, source, mailbox)
+    assert dead.chunk_index == 1
     calls_before = len(source.calls)
+    # A saved link Graph no longer takes: the chunk lists again from the last time it read.
+    if link == "refused":
+        source.expire_links()
 
     running = start_worker(source)
     assert running.join() == 0
 
-    resumed = source.calls[calls_before:]
-    assert resumed[0].next_link == page.next_link
-    assert min(c.position for c in resumed) == 10, "pages before the checkpoint were re-read"
+    resumed = [c for c in source.calls[calls_before:] if c.window.received_to == dead.window_end]
+    if link == "kept":
+        assert resumed[0].next_link == page.next_link
+        assert resumed[0].position == 10, "pages before the checkpoint were re-read"
+    else:
+        # Message 9 was the last read: listed again from its time, so only it is read twice.
+        assert resumed[0].next_link == page.next_link
+        assert resumed[1].window == Window(received_at(9), dead.window_end)
+        assert (resumed[1].position, resumed[1].next_link) == (0, None)
     assert [(a["chunk_index"], a["worker_id"], a["outcome"]) for a in attempts(conn, job_id)] == [
         (1, "dead-worker", "reaped"),
         (1, running.worker.worker_id, "completed"),
         (2, running.worker.worker_id, "completed"),
     ]
     first = chunks(conn, job_id)[0]
-    assert (first["status"], first["attempts"], first["emails_synced"]) == ("completed", 2, 50)
+    read_twice = 1 if link == "refused" else 0
+    assert (first["status"], first["attempts"], first["emails_synced"]) == (
+        "completed",
+        2,
+        50 + read_twice,
+    )
     assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(100)]
 
 
@@ -401,7 +430,8 @@ def test_failed_middle_chunk_does_not_block_later_chunks_and_fails_the_job(
     mailbox = "hole@example.com"
 
     def refuse_second_chunk(call: FetchCall) -> None:
-        if 20 <= call.position < 40:
+        # The second chunk's window starts at message 20.
+        if call.window.received_from == received_at(20):
             raise MailSourceError("fake: access denied", permanent=True)
 
     source = FakeMailSource({mailbox: 60}, max_page=10, before_fetch=refuse_second_chunk)
@@ -540,7 +570,10 @@ def test_next_page_is_fetched_while_the_page_before_it_is_written(
     assert len(source.calls) == 3
     assert source.max_in_flight[mailbox] == 1
     chunk = chunks(conn, job_id)[0]
-    assert (chunk["status"], chunk["checkpoint"]) == ("completed", {"next_link": None, "read": 30})
+    assert (chunk["status"], chunk["checkpoint"]) == (
+        "completed",
+        {"next_link": None, "read": 30, "received_through": received_at(29).isoformat()},
+    )
     assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(30)]
 
 

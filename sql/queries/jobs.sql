@@ -25,20 +25,27 @@ SELECT id, status, created_at FROM sync_queue
  WHERE store_id = %(store_id)s AND status IN ('pending', 'processing');
 
 -- insert_job --
-INSERT INTO sync_queue (business_id, store_id, sync_type, status, priority, sync_from,
-                        sync_to, metadata, max_attempts, estimated_emails)
-VALUES (%(business_id)s, %(store_id)s, %(sync_type)s, 'pending', %(priority)s,
+INSERT INTO sync_queue (business_id, store_id, sync_type, status, priority, parallel,
+                        sync_from, sync_to, metadata, max_attempts, estimated_emails)
+VALUES (%(business_id)s, %(store_id)s, %(sync_type)s, 'pending', %(priority)s, %(parallel)s,
         %(sync_from)s, %(sync_to)s, %(metadata)s, %(max_attempts)s, %(estimated_emails)s)
 RETURNING id, created_at;
 
--- create_chunks --
--- The seed's create_sync_chunks, called by name as the original frontend did.
-SELECT create_sync_chunks(p_parent_sync_job_id => %(job_id)s,
-                          p_sync_type => %(sync_type)s,
-                          p_estimated_email_count => %(estimated_emails)s) AS result;
+-- insert_window_chunks --
+-- A job's time-window chunks, given as parallel arrays in chunk order.
+INSERT INTO chunked_sync_jobs (parent_sync_job_id, business_id, store_id, chunk_index,
+                               total_chunks, window_start, window_end, start_offset,
+                               end_offset, estimated_emails, max_attempts)
+SELECT %(job_id)s, %(business_id)s, %(store_id)s, c.chunk_index,
+       cardinality(%(chunk_indexes)s::integer[]), c.window_start, c.window_end,
+       c.start_offset, c.end_offset, c.estimated_emails, %(max_attempts)s
+  FROM unnest(%(chunk_indexes)s::integer[], %(window_starts)s::timestamptz[],
+              %(window_ends)s::timestamptz[], %(start_offsets)s::integer[],
+              %(end_offsets)s::integer[], %(estimates)s::integer[])
+       AS c (chunk_index, window_start, window_end, start_offset, end_offset,
+             estimated_emails);
 
--- chunks_of_job --
-SELECT chunk_index, total_chunks, start_offset, end_offset, estimated_emails, status
-  FROM chunked_sync_jobs
- WHERE parent_sync_job_id = %(job_id)s
- ORDER BY chunk_index;
+-- job_planned --
+-- A job's chunks are in: set its claimability and status (a job with none completes now),
+-- and wake idle workers.
+SELECT syncctl_refresh_job(%(job_id)s), pg_notify('syncctl_chunks', %(job_id)s::text);

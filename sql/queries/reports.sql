@@ -15,15 +15,16 @@ WITH shown AS (
     SELECT id FROM sync_queue WHERE id = ANY(%(job_ids)s::uuid[])
 )
 SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q.priority,
-       p.chunks_done, p.chunks_failed, p.total_chunks, p.emails_synced, q.estimated_emails,
-       r.retried, p.stuck_chunks, q.created_at, q.started_at, q.completed_at, q.last_error,
-       now() AS sampled_at
+       q.parallel, p.chunks_done, p.chunks_failed, p.chunks_processing, p.total_chunks,
+       p.emails_synced, q.estimated_emails, q.synced_through, r.retried, p.stuck_chunks,
+       q.created_at, q.started_at, q.completed_at, q.last_error, now() AS sampled_at
   FROM shown
   JOIN sync_queue q ON q.id = shown.id
   LEFT JOIN stores s ON s.id = q.store_id
  CROSS JOIN LATERAL (
        SELECT count(*) FILTER (WHERE c.status = 'completed') AS chunks_done,
               count(*) FILTER (WHERE c.status = 'failed') AS chunks_failed,
+              count(*) FILTER (WHERE c.status = 'processing') AS chunks_processing,
               count(*) AS total_chunks,
               coalesce(sum(c.emails_synced), 0) AS emails_synced,
               coalesce(jsonb_agg(jsonb_build_object(
@@ -50,19 +51,19 @@ SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q
  ORDER BY q.status IN ('pending', 'processing') DESC, q.created_at DESC, q.id;
 
 -- report_job --
--- One job with its store and window.
+-- One job with its store, window and watermark.
 SELECT q.id AS job_id, q.store_id, s.name AS store_name, s.email AS store_email, q.sync_type,
-       q.status, q.priority, q.sync_from, q.sync_to, q.estimated_emails,
-       (q.metadata ->> 'chunk_size')::integer AS chunk_size, q.max_attempts, q.created_at,
-       q.started_at, q.completed_at, q.last_error
+       q.status, q.priority, q.sync_from, q.sync_to, q.synced_through, q.estimated_emails,
+       (q.metadata ->> 'chunk_size')::integer AS chunk_size, q.parallel, q.max_attempts,
+       q.created_at, q.started_at, q.completed_at, q.last_error
   FROM sync_queue q
   LEFT JOIN stores s ON s.id = q.store_id
  WHERE q.id = %(job_id)s;
 
 -- report_job_chunks --
 -- Every chunk of a job, in order.
-SELECT id AS chunk_id, chunk_index, total_chunks, status, start_offset, end_offset,
-       estimated_emails, emails_synced, attempts, max_attempts, worker_id, started_at,
+SELECT id AS chunk_id, chunk_index, total_chunks, status, window_start, window_end,
+       start_offset, end_offset, estimated_emails, emails_synced, attempts, max_attempts, worker_id, started_at,
        completed_at, lease_expires_at, not_before, processing_time_ms, last_error
   FROM chunked_sync_jobs
  WHERE parent_sync_job_id = %(job_id)s

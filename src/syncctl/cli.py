@@ -37,7 +37,7 @@ from syncctl.errors import (
     MailSourceUnavailable,
     SyncctlError,
 )
-from syncctl.mailsource import MailSource, MailSourceError, Page, Window
+from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, MailSourceError, Page, Window
 from syncctl.migrate import migrate as apply_migrations
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,9 @@ class _MailSourceOnDemand:
     def count(self, mailbox: str, window: Window) -> int:
         return self._opened().count(mailbox, window)
 
+    def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
+        return self._opened().received_at(mailbox, window, position)
+
     def fetch_page(
         self,
         mailbox: str,
@@ -412,6 +415,13 @@ def create(
         int | None,
         typer.Option("--chunk-size", help="Messages per chunk. Default: adapts to the mailbox."),
     ] = None,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            "--parallel",
+            help="Chunks of this job that may run at once, 1 to 4 (1: one after another).",
+        ),
+    ] = MAILBOX_CONCURRENCY,
     sync_type: Annotated[str, typer.Option("--type", help="The job's sync type.")] = "manual",
     priority: Annotated[int, typer.Option("--priority", help="Higher runs first across jobs.")] = 1,
     max_attempts: Annotated[
@@ -440,6 +450,7 @@ def create(
             sync_type=sync_type.strip(),
             priority=priority,
             max_attempts=max_attempts,
+            parallel=parallel,
             force=force,
         )
     if created.cancelled_job_id:
@@ -455,6 +466,7 @@ def create(
                 },
                 "estimated_emails": created.estimated_emails,
                 "chunk_size": created.chunk_size,
+                "parallel": created.parallel,
                 "chunks": created.chunks,
                 "cancelled_job_id": created.cancelled_job_id,
             }
@@ -469,17 +481,28 @@ def create(
             "messages": created.estimated_emails,
             "chunk size": created.chunk_size,
             "chunks": len(created.chunks),
+            "at once": created.parallel,
         }
     )
     output.table(
-        [vars(chunk) for chunk in created.chunks],
+        [_with_window(vars(chunk)) for chunk in created.chunks],
         {
             "chunk_index": "chunk",
-            "start_offset": "from offset",
-            "end_offset": "to offset",
+            "received_from": "received from",
+            "received_to": "received before",
             "estimated_emails": "messages",
         },
     )
+
+
+def _with_window(chunk: Mapping[str, Any]) -> dict[str, Any]:
+    """A chunk row with its window as shown: the first chunk of an open window
+    starts at the first message."""
+    return {
+        **chunk,
+        "received_from": chunk["window_start"] or "the first message",
+        "received_to": chunk["window_end"],
+    }
 
 
 def run(
@@ -635,6 +658,7 @@ def _show_jobs(rows: list[dict[str, Any]], *, as_json: bool) -> None:
             "chunks": "chunks done",
             "chunks_failed": "failed",
             "messages": "messages",
+            "synced_through": "synced through",
             "created_at": "created",
         },
     )
@@ -646,10 +670,17 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
         return
     output.details(report.job)
     typer.echo()
+    # Jobs created before time windows have offset chunks.
+    by_window = any(chunk["window_end"] for chunk in report.chunks)
+    where = (
+        {"received_from": "received from", "received_to": "received before"}
+        if by_window
+        else {"start_offset": "from offset", "end_offset": "to offset"}
+    )
     output.table(
         [
             {
-                **chunk,
+                **(_with_window(chunk) if by_window else chunk),
                 "tries": f"{chunk['attempts']}/{chunk['max_attempts']}",
                 "messages": f"{chunk['emails_synced']}/{chunk['estimated_emails']}",
             }
@@ -658,8 +689,7 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
         {
             "chunk_index": "chunk",
             "status": "status",
-            "start_offset": "from offset",
-            "end_offset": "to offset",
+            **where,
             "messages": "messages",
             "tries": "attempts",
             "worker_id": "worker",

@@ -53,3 +53,9 @@ def parse_date(text: str, *, option: str) -> datetime:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
+
+
+def format_time(moment: datetime) -> str:
+    """A time as syncctl shows it: UTC, to the second, 2024-01-31 12:00:00Z (naive: as is)."""
+    shown = moment.astimezone(UTC) if moment.tzinfo else moment
+    return shown.strftime("%Y-%m-%d %H:%M:%S") + ("Z" if moment.tzinfo else "")

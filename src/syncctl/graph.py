@@ -43,16 +43,20 @@ from syncctl.cleantext import clean_escapes
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connect, query
 from syncctl.errors import BadInput, DatabaseUnavailable
-from syncctl.mailsource import MailSourceError, Message, Page, Window
+from syncctl.mailsource import (
+    MAILBOX_CONCURRENCY,
+    PAGE_SIZE,
+    MailSourceError,
+    Message,
+    NextLinkExpired,
+    Page,
+    Window,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GRAPH_URL = "https://graph.microsoft.com/v1.0"
 DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
-# Graph's largest page of messages.
-MAX_PAGE_SIZE = 1000
-# Graph answers a mailbox's fifth concurrent request with 429 MailboxConcurrency.
-MAILBOX_CONCURRENCY = 4
 # Every property syncctl stores, and nothing more.
 SELECT_FIELDS = (
     "id",
@@ -522,6 +526,34 @@ class GraphMailSource:
             )
         return int(text)
 
+    def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
+        """When the message at position of the window was received: one request
+        for one message's receivedDateTime ($skip, $top=1)."""
+        params = {
+            "$filter": window_filter(window),
+            "$orderby": "receivedDateTime asc",
+            "$select": "receivedDateTime",
+            "$top": "1",
+        }
+        if position > 0:
+            params["$skip"] = str(position)
+        reply = self._request(mailbox, self._messages_url(mailbox), params, {})
+        try:
+            page = parse_page(reply.content)
+        except ValueError as exc:
+            raise MailSourceError(
+                f"Graph answered a look-up in mailbox {mailbox} with something that is not "
+                f"valid Graph JSON ({self._scrub(str(exc))})."
+            ) from None
+        if not page.messages:
+            return None
+        received = page.messages[0].received_at
+        if received is None:
+            raise MailSourceError(
+                f"Graph gave no receivedDateTime for message {position} of mailbox {mailbox}."
+            )
+        return received
+
     def fetch_page(
         self,
         mailbox: str,
@@ -540,13 +572,13 @@ class GraphMailSource:
                     f"{_origin(next_link)}, not {self._origin}; not sending credentials there.",
                     permanent=True,
                 )
-            reply = self._request(mailbox, next_link, None, {})
+            reply = self._request(mailbox, next_link, None, {}, following_link=True)
         else:
             params = {
                 "$filter": window_filter(window),
                 "$orderby": "receivedDateTime asc",
                 "$select": ",".join(SELECT_FIELDS),
-                "$top": str(max(1, min(top, MAX_PAGE_SIZE))),
+                "$top": str(max(1, min(top, PAGE_SIZE))),
             }
             if skip > 0:
                 params["$skip"] = str(skip)
@@ -570,8 +602,11 @@ class GraphMailSource:
         url: str,
         params: dict[str, str] | None,
         headers: dict[str, str],
+        *,
+        following_link: bool = False,
     ) -> _Reply:
-        """A successful reply, after the retries Graph's answers allow."""
+        """A successful reply, after the retries Graph's answers allow.
+        following_link: url is a next link Graph gave, which it may since refuse."""
         tries = max(1, self.settings.max_tries)
         problem = "no answer"
         for attempt in range(1, tries + 1):
@@ -592,6 +627,11 @@ class GraphMailSource:
                         wait, reason = after, "retry_after"
                 elif reply.status >= 500 or reply.status == 408:
                     wait, reason = self._backoff(attempt), "backoff"
+                elif following_link and reply.status in (400, 410):
+                    raise NextLinkExpired(
+                        f"Graph no longer accepts a next page link of mailbox {mailbox} "
+                        f"({self._scrub(_describe(reply))})."
+                    )
                 else:
                     raise self._refusal(mailbox, reply)
             if attempt == tries:

@@ -12,7 +12,8 @@ from psycopg.types.json import Jsonb
 
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
-from syncctl.mailsource import MailSource, Window
+from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, Window
+from syncctl.planning import PlannedChunk, chunk_size_for, plan_chunks
 
 
 @dataclass(frozen=True)
@@ -24,21 +25,14 @@ class Store:
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
-    chunk_index: int
-    start_offset: int
-    end_offset: int
-    estimated_emails: int
-
-
-@dataclass(frozen=True)
 class CreatedJob:
     job_id: UUID
     store: Store
     window: Window
     estimated_emails: int
     chunk_size: int
-    chunks: list[ChunkPlan]
+    parallel: int
+    chunks: list[PlannedChunk]
     cancelled_job_id: UUID | None
 
 
@@ -103,16 +97,22 @@ def create_job(
     sync_type: str = "manual",
     priority: int = 1,
     max_attempts: int = 3,
+    parallel: int = MAILBOX_CONCURRENCY,
     force: bool = False,
 ) -> CreatedJob:
-    """Count the store's window and create the parent job and its chunks in one
-    transaction. A store with an active job is refused, unless force, which
-    cancels that job first."""
+    """Count the store's window, cut it into time-window chunks, and create the
+    parent job and its chunks in one transaction. A store with an active job is
+    refused, unless force, which cancels that job first."""
     if chunk_size is not None and chunk_size < 1:
         raise BadInput(f"--chunk-size must be at least 1, not {chunk_size}.")
     if max_attempts < 1:
         raise BadInput(f"--max-attempts must be at least 1, not {max_attempts}.")
-    # The window is frozen now, so mail arriving later does not shift offsets.
+    if not 1 <= parallel <= MAILBOX_CONCURRENCY:
+        raise BadInput(
+            f"--parallel must be from 1 to {MAILBOX_CONCURRENCY} (Graph serves a mailbox "
+            f"{MAILBOX_CONCURRENCY} requests at a time), not {parallel}."
+        )
+    # The window is frozen now: mail arriving later belongs to the next job.
     received_to = received_to or datetime.now(UTC)
     if received_from is not None and received_from >= received_to:
         raise BadInput(
@@ -123,6 +123,8 @@ def create_job(
     _refuse_active_job(conn, store, force=force)
     window = Window(received_from, received_to)
     estimated = source.count(store.email, window)
+    size = chunk_size or chunk_size_for(estimated, parallel)
+    chunks = plan_chunks(source, store.email, window, count=estimated, chunk_size=size)
 
     from syncctl.operations import cancel_job  # operator commands build on jobs
 
@@ -134,7 +136,6 @@ def create_job(
             _refuse_active_job(conn, store, force=force)
             cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
             cancelled = active["id"]
-        metadata = {"chunk_size": chunk_size} if chunk_size else {}
         try:
             job = conn.execute(
                 query("insert_job"),
@@ -143,9 +144,10 @@ def create_job(
                     "store_id": store.id,
                     "sync_type": sync_type,
                     "priority": priority,
+                    "parallel": parallel,
                     "sync_from": received_from,
                     "sync_to": received_to,
-                    "metadata": Jsonb(metadata),
+                    "metadata": Jsonb({"chunk_size": size}),
                     "max_attempts": max_attempts,
                     "estimated_emails": estimated,
                 },
@@ -156,23 +158,30 @@ def create_job(
                 "run `syncctl status` and try again."
             ) from None
         assert job is not None
-        result = conn.execute(
-            query("create_chunks"),
-            {"job_id": job["id"], "sync_type": sync_type, "estimated_emails": estimated},
-        ).fetchone()
-        if result is None or not result["result"]["success"]:
-            raise RuntimeError(f"create_sync_chunks refused job {job['id']}: {result}")
-        chunks = conn.execute(query("chunks_of_job"), {"job_id": job["id"]}).fetchall()
+        conn.execute(
+            query("insert_window_chunks"),
+            {
+                "job_id": job["id"],
+                "business_id": store.business_id,
+                "store_id": store.id,
+                "max_attempts": max_attempts,
+                "chunk_indexes": [c.chunk_index for c in chunks],
+                "window_starts": [c.window_start for c in chunks],
+                "window_ends": [c.window_end for c in chunks],
+                "start_offsets": [c.start_offset for c in chunks],
+                "end_offsets": [c.end_offset for c in chunks],
+                "estimates": [c.estimated_emails for c in chunks],
+            },
+        )
+        conn.execute(query("job_planned"), {"job_id": job["id"]})
     return CreatedJob(
         job_id=job["id"],
         store=store,
         window=window,
         estimated_emails=estimated,
-        chunk_size=result["result"]["chunk_size"],
-        chunks=[
-            ChunkPlan(c["chunk_index"], c["start_offset"], c["end_offset"], c["estimated_emails"])
-            for c in chunks
-        ],
+        chunk_size=size,
+        parallel=parallel,
+        chunks=chunks,
         cancelled_job_id=cancelled,
     )
 

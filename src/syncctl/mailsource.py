@@ -1,8 +1,9 @@
 """The seam between the queue and a mail service.
 
-A worker needs two things from a mail service: how many messages a window
-holds (to plan chunks) and one page of messages at a position (to run
-them). Microsoft Graph is one implementation (graph.py); tests use others.
+Planning a job needs how many messages a window holds and when the message
+at a position of it was received (to cut the window into chunks of about
+equal counts); running a chunk needs one page of messages at a time.
+Microsoft Graph is one implementation (graph.py); tests use others.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+
+# Graph's largest page of messages.
+PAGE_SIZE = 1000
+# Graph serves a mailbox at most this many requests at once (the fifth gets
+# 429 MailboxConcurrency): the most chunks of one job worth running at once.
+MAILBOX_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,18 @@ class MailSourceError(Exception):
         self.permanent = permanent
 
 
+class NextLinkExpired(MailSourceError):
+    """The service no longer accepts a next-page link it gave earlier; list again instead."""
+
+
 class MailSource(Protocol):
     def count(self, mailbox: str, window: Window) -> int:
         """How many messages the mailbox holds in the window."""
+        ...
+
+    def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
+        """When the message at position (0: the oldest) of the window was received;
+        None when the window holds no message there."""
         ...
 
     def fetch_page(
@@ -75,5 +91,6 @@ class MailSource(Protocol):
         next_link: str | None = None,
     ) -> Page:
         """One page in receivedDateTime order: from next_link when given, else
-        the top messages after skipping skip of the window."""
+        the top messages after skipping skip of the window. NextLinkExpired when
+        the service refuses next_link."""
         ...

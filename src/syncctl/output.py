@@ -23,6 +23,8 @@ from rich.table import Table
 from rich.text import Text
 from tabulate import tabulate
 
+from syncctl.durations import format_time
+
 # A column list: row keys, or key -> header.
 Columns = Sequence[str] | Mapping[str, str]
 
@@ -63,8 +65,7 @@ def cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        shown = value.astimezone(UTC) if value.tzinfo else value
-        return shown.strftime("%Y-%m-%d %H:%M:%S") + ("Z" if value.tzinfo else "")
+        return format_time(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, Decimal | float):

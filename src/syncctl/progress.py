@@ -27,7 +27,7 @@ from rich.text import Text
 from syncctl import output, reports
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, connection
-from syncctl.durations import format_duration
+from syncctl.durations import format_duration, format_time
 from syncctl.operations import unknown_job
 
 # The rate is measured over the refreshes of about this long ago up to now.
@@ -68,6 +68,8 @@ class JobProgress:
     eta: timedelta | None  # None when finished or the rate is unknown
     stuck: tuple[StuckChunk, ...]
     created_at: datetime | None = None
+    # Every message received before this is stored (the job's watermark); None: not yet.
+    synced_through: datetime | None = None
 
     @property
     def active(self) -> bool:
@@ -125,6 +127,7 @@ class RateMeter:
                 for s in row["stuck_chunks"]
             ),
             created_at=row.get("created_at"),
+            synced_through=row.get("synced_through"),
         )
 
     def _rate(self, row: Mapping[str, Any]) -> float | None:
@@ -189,6 +192,7 @@ class _Frame:
         table.add_column("ETA", justify="right", no_wrap=True)
         table.add_column("failed", justify="right", no_wrap=True)
         table.add_column("retried", justify="right", no_wrap=True)
+        table.add_column("synced through", no_wrap=True)
         for job in self.jobs:
             table.add_row(
                 Text(job.store),
@@ -200,6 +204,7 @@ class _Frame:
                 Text(_eta(job)),
                 Text(str(job.chunks_failed), style="red" if job.chunks_failed else ""),
                 Text(str(job.retried), style="yellow" if job.retried else ""),
+                Text(_synced_through(job)),
                 style=STUCK_STYLE if job.stuck else None,
             )
         return table
@@ -228,6 +233,8 @@ class _Frame:
                 overflow="ellipsis",
                 no_wrap=True,
             )
+            if job.synced_through is not None:
+                yield Text(f"  synced through {_synced_through(job)}", style="dim")
 
 
 def _status(job: JobProgress) -> Text:
@@ -250,7 +257,8 @@ def plain_line(job: JobProgress) -> str:
         f"{job.store} job {job.job_id} {job.status}: "
         f"chunks {job.chunks_finished}/{job.total_chunks} "
         f"({job.chunks_failed} failed, {job.retried} retried), "
-        f"messages {_messages(job)}, {_rate(job.rate)}, ETA {_eta(job)}"
+        f"messages {_messages(job)}, {_rate(job.rate)}, ETA {_eta(job)}, "
+        f"synced through {_synced_through(job)}"
     )
     for chunk in job.stuck:
         line += f"; STUCK {_stuck_note(job, chunk)}"
@@ -278,6 +286,10 @@ def _eta(job: JobProgress) -> str:
     if not job.active:
         return UNKNOWN
     return UNKNOWN if job.eta is None else format_duration(job.eta + timedelta(seconds=0.999))
+
+
+def _synced_through(job: JobProgress) -> str:
+    return UNKNOWN if job.synced_through is None else format_time(job.synced_through)
 
 
 def _stuck_note(job: JobProgress, chunk: StuckChunk) -> str:

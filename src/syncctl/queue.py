@@ -1,9 +1,9 @@
 """The chunk lifecycle: claim, heartbeat, finish, reap.
 
-The rules themselves (sequential order within a job, priority and age across
-jobs, fencing, backoff, roll-up) live in the database functions of
-sql/migrations/0002_queue_functions.sql, so syncctl workers and callers of
-the original system's functions obey the same ones. These functions take the
+The rules themselves (order and parallelism within a job, fair claims across
+jobs, fencing, backoff, the watermark, roll-up) live in the database
+functions of sql/migrations (0002, 0005, 0007), so syncctl workers and
+callers of the original system's functions obey the same ones. These functions take the
 connection first and never commit: the caller owns the transaction.
 """
 
@@ -31,6 +31,10 @@ class Chunk:
     start_offset: int
     end_offset: int
     estimated_emails: int
+    # [window_start, window_end) on receivedDateTime; window_end None: an offset chunk
+    # of a job created before time windows (start_offset, then estimated_emails).
+    window_start: datetime | None
+    window_end: datetime | None
     attempts: int
     max_attempts: int
     worker_id: str

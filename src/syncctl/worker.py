@@ -32,8 +32,10 @@ from typing import Any
 import psycopg
 
 from syncctl import metrics
+from syncctl.chunkread import fetch, reader_for
 from syncctl.config import DatabaseTarget, scrub_secrets
 from syncctl.db import Connection, connect, query
+from syncctl.durations import format_time
 from syncctl.errors import DatabaseUnavailable
 from syncctl.ingest import LeaseLost, write_page
 from syncctl.mailsource import MailSource, MailSourceError, Page, Window
@@ -42,8 +44,6 @@ from syncctl.queue import claim_chunk as claim_next_chunk
 
 log = logging.getLogger("syncctl.worker")
 
-# Graph returns at most 1000 messages a page.
-PAGE_SIZE = 1000
 # Reap at least this often, whatever the lease.
 MAX_REAP_INTERVAL = 30.0
 # Reconnecting waits between these, doubling, with jitter.
@@ -404,15 +404,16 @@ class Worker:
                 chunk_log = held.log = self._chunk_log(chunk, store=context["email"])
                 _current_chunk.set(chunk_log.extra)
                 chunk_log.info(
-                    "claimed, attempt %d of %d%s",
+                    "claimed, attempt %d of %d%s%s",
                     chunk.attempts,
                     chunk.max_attempts,
+                    f", received {_window_text(chunk)}" if chunk.window_end else "",
                     f", resuming after {chunk.checkpoint.get('read', 0)} messages"
                     if chunk.checkpoint
                     else "",
                 )
-                window = Window(context["sync_from"], context["sync_to"])
-                finished = self._read_chunk(conn, held, context["email"], window, prefetcher)
+                job_window = Window(context["sync_from"], context["sync_to"])
+                finished = self._read_chunk(conn, held, context["email"], job_window, prefetcher)
             except LeaseLost:
                 metrics.LEASE_LOSSES.inc()
                 chunk_log.warning("the chunk was taken away (reaped, cancelled or reset); dropped")
@@ -441,7 +442,7 @@ class Worker:
         conn: Connection,
         held: _HeldChunk,
         mailbox: str,
-        window: Window,
+        job_window: Window,
         prefetcher: ThreadPoolExecutor,
     ) -> bool:
         """Read the chunk's pages from its checkpoint on, writing each; True when
@@ -451,63 +452,33 @@ class Worker:
         thread; it is written only after the page before it, and dropped
         (once its fetch has ended) if the chunk is lost, stopped or fails."""
         chunk = held.chunk
-        checkpoint = chunk.checkpoint or {}
-        read = int(checkpoint.get("read") or 0)
-        next_link: str | None = checkpoint.get("next_link")
-        # A checkpoint without a next page means the end was reached before.
-        at_end = chunk.checkpoint is not None and next_link is None
-        limit = chunk.estimated_emails
+        reader = reader_for(chunk, job_window)
+        request = reader.next_request()
         prefetched: Future[Page] | None = None
         try:
-            while not at_end:
+            while request is not None:
                 if held.lost:
                     raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
-                # The last chunk reads to the end of the window, so nothing is left behind.
-                if not chunk.is_last and read >= limit:
-                    break
                 if self._stop.is_set():
                     return False
                 if prefetched is not None:
                     # Its error, if any, is raised here, where the fetch would have been.
                     page, prefetched = prefetched.result(), None
                 else:
-                    top = PAGE_SIZE if chunk.is_last else min(PAGE_SIZE, limit - read)
-                    page = self.source.fetch_page(
-                        mailbox,
-                        window,
-                        skip=chunk.start_offset + read,
-                        top=top,
-                        next_link=next_link,
-                    )
-                messages = page.messages if chunk.is_last else page.messages[: limit - read]
-                read += len(messages)
+                    page = fetch(self.source, mailbox, request)
+                messages = reader.advance(page)
                 if held.lost:
                     raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
-                more = page.next_link is not None and (chunk.is_last or read < limit)
-                if more and not self._stop.is_set():
-                    top = PAGE_SIZE if chunk.is_last else min(PAGE_SIZE, limit - read)
+                request = reader.next_request()
+                if request is not None and not self._stop.is_set():
                     # The copied context keeps the chunk's fields on lines the fetch logs.
                     prefetched = prefetcher.submit(
-                        copy_context().run,
-                        partial(
-                            self.source.fetch_page,
-                            mailbox,
-                            window,
-                            skip=chunk.start_offset + read,
-                            top=top,
-                            next_link=page.next_link,
-                        ),
+                        copy_context().run, partial(fetch, self.source, mailbox, request)
                     )
                 write_page(
-                    conn,
-                    chunk,
-                    messages,
-                    checkpoint={"next_link": page.next_link, "read": read},
-                    lease=self.options.lease,
+                    conn, chunk, messages, checkpoint=reader.checkpoint(), lease=self.options.lease
                 )
                 metrics.MESSAGES_SYNCED.inc(len(messages))
-                next_link = page.next_link
-                at_end = next_link is None
             return True
         finally:
             if prefetched is not None:
@@ -712,6 +683,13 @@ class Worker:
         text = scrub_secrets(str(exc), self.target.url).strip()
         line = text.splitlines()[0] if text else type(exc).__name__
         return line[:MAX_ERROR_LENGTH]
+
+
+def _window_text(chunk: Chunk) -> str:
+    """A chunk's window as a log line gives it: [start, end), times in UTC."""
+    start = format_time(chunk.window_start) if chunk.window_start else "the first message"
+    end = format_time(chunk.window_end) if chunk.window_end else "the end"
+    return f"[{start}, {end})"
 
 
 def _connection_lost(exc: BaseException, conn: Connection | None) -> bool:

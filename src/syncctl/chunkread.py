@@ -1,0 +1,148 @@
+"""What a chunk reads, page by page, and where a retried chunk resumes.
+
+A chunk of a job syncctl created owns a time window and lists exactly it
+(`receivedDateTime ge start and lt end`), following the next links Graph
+gives. Its checkpoint holds the next link and the latest received time
+read, so a retried chunk resumes inside its window, from the link, or,
+once the link is refused, from that time: re-reading the few messages
+received at that very second is harmless, skipping one is not.
+
+A chunk of a job created before time windows (or by the original
+create_sync_chunks) reads from its offset ($skip) and stops after its
+estimated count; the last one reads to the end of the job's window.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from syncctl.mailsource import PAGE_SIZE, MailSource, Message, NextLinkExpired, Page, Window
+from syncctl.queue import Chunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    """The next page of a chunk: Graph's link when there is one, else (and when
+    the link is refused) top messages of window after skip."""
+
+    next_link: str | None
+    window: Window
+    skip: int
+    top: int
+
+
+def fetch(source: MailSource, mailbox: str, request: PageRequest) -> Page:
+    """The page a request asks for; a refused next link is listed again from
+    the request's window instead."""
+    if request.next_link is not None:
+        try:
+            return source.fetch_page(
+                mailbox,
+                request.window,
+                skip=request.skip,
+                top=request.top,
+                next_link=request.next_link,
+            )
+        except NextLinkExpired as exc:
+            log.warning("%s; listing again from the checkpoint instead", exc)
+    return source.fetch_page(mailbox, request.window, skip=request.skip, top=request.top)
+
+
+class ChunkReader(ABC):
+    """A chunk's position: what was read, the next link, and whether the end is
+    reached. next_request() says what to fetch, advance() takes the page."""
+
+    def __init__(self, chunk: Chunk) -> None:
+        checkpoint = chunk.checkpoint or {}
+        self.chunk = chunk
+        self.read = int(checkpoint.get("read") or 0)
+        self.next_link: str | None = checkpoint.get("next_link") or None
+        # A checkpoint without a next page: the end was reached before.
+        self.at_end = chunk.checkpoint is not None and self.next_link is None
+
+    @abstractmethod
+    def next_request(self) -> PageRequest | None:
+        """The next page to fetch; None once the chunk is read."""
+
+    @abstractmethod
+    def advance(self, page: Page) -> list[Message]:
+        """Take a fetched page; the messages of it that belong to the chunk."""
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Where a retry resumes, saved with each page."""
+        return {"next_link": self.next_link, "read": self.read}
+
+
+class WindowReader(ChunkReader):
+    """A time-window chunk: every message of [window_start, window_end)."""
+
+    def __init__(self, chunk: Chunk) -> None:
+        super().__init__(chunk)
+        reached = (chunk.checkpoint or {}).get("received_through")
+        self.received_through = datetime.fromisoformat(reached) if reached else None
+
+    def next_request(self) -> PageRequest | None:
+        if self.at_end:
+            return None
+        start = self.received_through or self.chunk.window_start
+        return PageRequest(
+            self.next_link, Window(start, self.chunk.window_end), skip=0, top=PAGE_SIZE
+        )
+
+    def advance(self, page: Page) -> list[Message]:
+        self.read += len(page.messages)
+        times = [m.received_at for m in page.messages if m.received_at is not None]
+        if times:
+            latest = max(times)
+            if self.received_through is None or latest > self.received_through:
+                self.received_through = latest
+        self.next_link = page.next_link
+        self.at_end = page.next_link is None
+        return page.messages
+
+    def checkpoint(self) -> dict[str, Any]:
+        reached = self.received_through.isoformat() if self.received_through else None
+        return {**super().checkpoint(), "received_through": reached}
+
+
+class OffsetReader(ChunkReader):
+    """An offset chunk: estimated_emails messages from start_offset of the job's
+    window; the last chunk reads to the window's end, so nothing is left behind."""
+
+    def __init__(self, chunk: Chunk, job_window: Window) -> None:
+        super().__init__(chunk)
+        self.job_window = job_window
+        self.last = chunk.chunk_index == chunk.total_chunks
+
+    def next_request(self) -> PageRequest | None:
+        left = self.chunk.estimated_emails - self.read
+        if self.at_end or (not self.last and left <= 0):
+            return None
+        return PageRequest(
+            self.next_link,
+            self.job_window,
+            skip=self.chunk.start_offset + self.read,
+            top=PAGE_SIZE if self.last else min(PAGE_SIZE, left),
+        )
+
+    def advance(self, page: Page) -> list[Message]:
+        messages = page.messages
+        if not self.last:
+            messages = messages[: self.chunk.estimated_emails - self.read]
+        self.read += len(messages)
+        self.next_link = page.next_link
+        self.at_end = page.next_link is None
+        return messages
+
+
+def reader_for(chunk: Chunk, job_window: Window) -> ChunkReader:
+    """The reader a chunk needs: its own window, or offsets into its job's."""
+    if chunk.window_end is not None:
+        return WindowReader(chunk)
+    return OffsetReader(chunk, job_window)
