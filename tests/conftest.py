@@ -132,5 +132,13 @@ def make_conn(target: DatabaseTarget) -> Iterator[Any]:
         c.close()
 
 
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+    """An autocommit connection to the test database, rows as dicts: for
+    looking at what a syncctl process wrote."""
+    with raw_connect(database_url) as connection:
+        yield connection
+
+
 def raw_connect(url: str) -> psycopg.Connection[dict[str, Any]]:
     return psycopg.connect(url, autocommit=True, row_factory=dict_row)

@@ -150,6 +150,8 @@ BAD_INPUT = [
     (["create", "c@example.com", "--chunk-size", "0"], "--chunk-size must be at least 1"),
     (["create", "c@example.com", "--max-attempts", "0"], "--max-attempts must be at least 1"),
     (["create", "c@example.com", "--type", " "], "--type is empty"),
+    (["create", "c@example.com", "--parallel", "0"], "--parallel must be from 1 to 4"),
+    (["create", "c@example.com", "--parallel", "5"], "--parallel must be from 1 to 4"),
     (["create", "a@example.com"], "--force"),
     (["run", "--concurrency", "0"], "--concurrency must be at least 1"),
     (["run", "--lease", "2s"], "--lease must be at least 5s"),

@@ -4,17 +4,14 @@ processes, the local Graph-compatible server over real HTTP, real PostgreSQL."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
-from helpers import unconfigured_env, wait_for
+from commandline import environment, start_worker, stored_ids, syncctl
+from helpers import wait_for
 from syncctl.fakegraph import FakeGraphServer
 
 SIZES = {
@@ -25,57 +22,6 @@ SIZES = {
     "n1001@contoso.test": 1001,
     "n25000@contoso.test": 25_000,
 }
-
-
-def syncctl(
-    *args: str, env: dict[str, str], check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "syncctl", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"syncctl {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
-        )
-    return result
-
-
-def start_worker(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "syncctl", "run", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-@pytest.fixture
-def db(database_url: str) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
-        yield conn
-
-
-def environment(database_url: str, server: FakeGraphServer) -> dict[str, str]:
-    return unconfigured_env(
-        SYNCCTL_DATABASE_URL=database_url,
-        SYNCCTL_GRAPH_URL=server.url,
-        SYNCCTL_GRAPH_TOKEN=server.token,
-    )
-
-
-def stored_ids(db: psycopg.Connection[dict[str, Any]], email: str) -> list[str]:
-    rows = db.execute(
-        "SELECT e.provider_message_id FROM emails e JOIN stores s ON s.id = e.store_id"
-        " WHERE s.email = %s",
-        (email,),
-    ).fetchall()
-    return [row["provider_message_id"] for row in rows]
 
 
 @pytest.mark.slow

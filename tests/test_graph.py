@@ -31,7 +31,7 @@ from syncctl.graph import (
     window_filter,
 )
 from syncctl.ingest import write_page
-from syncctl.mailsource import MailSourceError, Message, Window
+from syncctl.mailsource import MailSourceError, Message, NextLinkExpired, Window
 from test_ingest import LEASE, claimed_chunk
 
 # Made-up credentials: the tests check they never show.
@@ -147,6 +147,47 @@ def test_window_limits_the_pages_and_the_count(
 
     assert [m.provider_message_id for m in messages] == expected_ids(server, range(100, 1350))
     assert source.count(MAILBOX, window) == 1250
+
+
+@pytest.mark.parametrize("position", [0, 1, 999, 1249])
+def test_received_at_finds_the_time_of_a_position_in_the_window(
+    server: FakeGraphServer, source: GraphMailSource, position: int
+) -> None:
+    window = Window(server.received_at(MAILBOX, 100), server.received_at(MAILBOX, 1350))
+
+    assert source.received_at(MAILBOX, window, position) == server.received_at(
+        MAILBOX, 100 + position
+    )
+    asked = server.requests[-1].query
+    assert (asked["$top"], asked.get("$skip", "0"), asked["$select"]) == (
+        "1",
+        str(position),
+        "receivedDateTime",
+    )
+
+
+def test_received_at_past_the_end_of_the_window_is_none(
+    server: FakeGraphServer, source: GraphMailSource
+) -> None:
+    window = Window(None, server.received_at(MAILBOX, 10))
+    assert source.received_at(MAILBOX, window, 10) is None
+
+
+def test_an_expired_next_link_is_its_own_error_and_not_retried(
+    server: FakeGraphServer, source: GraphMailSource
+) -> None:
+    first = source.fetch_page(MAILBOX, WHOLE, skip=0, top=1000)
+    assert first.next_link is not None
+    server.expire_links()
+
+    with pytest.raises(NextLinkExpired):
+        source.fetch_page(MAILBOX, WHOLE, skip=1000, top=1000, next_link=first.next_link)
+
+    assert [r.status for r in server.requests] == [200, 400]  # asked once, not retried
+    # A listing that is not a link still works, and hands out links that do.
+    again = source.fetch_page(MAILBOX, WHOLE, skip=1000, top=1000)
+    assert again.next_link is not None
+    assert source.fetch_page(MAILBOX, WHOLE, skip=2000, top=1000, next_link=again.next_link)
 
 
 def test_chunks_by_skip_with_the_last_reading_to_the_end(

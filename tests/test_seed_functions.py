@@ -283,6 +283,29 @@ def test_seed_claim_follows_the_sequential_rule(conn: Connection) -> None:
     assert claim_next_chunk_job(conn, "edge-2")["chunk_index"] == 2
 
 
+def test_create_sync_chunks_makes_a_sequential_job(conn: Connection) -> None:
+    job = insert_parent(conn, metadata='{"chunk_size": 1}')
+    create_sync_chunks(conn, job, p_estimated_email_count=3)
+
+    row = conn.execute("SELECT parallel FROM sync_queue WHERE id = %s", [job]).fetchone()
+    assert row == {"parallel": 1}  # the original system's rule: one chunk at a time
+
+
+def test_seed_claim_honours_the_parallel_setting_of_a_job(conn: Connection) -> None:
+    job = insert_parent(conn, metadata='{"chunk_size": 1}')
+    create_sync_chunks(conn, job, p_estimated_email_count=4)
+    # A job syncctl created runs up to `parallel` chunks at once, whoever claims them.
+    conn.execute("UPDATE sync_queue SET parallel = 3 WHERE id = %s", [job])
+    conn.execute("SELECT syncctl_refresh_job(%s)", [job])
+
+    claimed = [claim_next_chunk_job(conn, f"edge-{n}") for n in range(4)]
+
+    assert [c["success"] for c in claimed] == [True, True, True, False]
+    assert [c["chunk_index"] for c in claimed[:3]] == [1, 2, 3]
+    complete_chunk_job(conn, claimed[1]["chunk_id"], p_status="completed")
+    assert claim_next_chunk_job(conn, "edge-5")["chunk_index"] == 4
+
+
 def test_seed_and_syncctl_workers_share_one_queue(conn: Connection) -> None:
     older = insert_parent(conn, metadata='{"chunk_size": 1}')
     create_sync_chunks(conn, older, p_estimated_email_count=2)

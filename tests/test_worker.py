@@ -197,6 +197,38 @@ def test_multi_chunk_job_stores_every_message_once_and_last_chunk_reads_to_windo
     assert last["emails_synced"] == 160
 
 
+def test_offset_chunks_of_the_original_create_sync_chunks_are_read_whole(
+    conn: Connection, start_worker: Callable[..., WorkerThread]
+) -> None:
+    # A job the original frontend planned: offsets, no windows, one chunk at a time.
+    mailbox = "legacy@example.com"
+    source = FakeMailSource({mailbox: 250}, max_page=40)
+    store = add_store(conn, name="legacy", email=mailbox)
+    row = conn.execute(
+        "INSERT INTO sync_queue (business_id, store_id, sync_type, status, metadata)"
+        " VALUES (%s, %s, 'initial', 'pending', '{\"chunk_size\": 100}') RETURNING id",
+        [store["business_id"], store["id"]],
+    ).fetchone()
+    assert row is not None
+    job_id = row["id"]
+    conn.execute(
+        "SELECT create_sync_chunks(p_parent_sync_job_id => %s, p_estimated_email_count => 250)",
+        [job_id],
+    )
+    assert [(c["start_offset"], c["window_end"]) for c in chunks(conn, job_id)] == [
+        (0, None),
+        (100, None),
+        (200, None),
+    ]
+
+    assert start_worker(source, options(concurrency=3)).join() == 0
+
+    assert job_status(conn, job_id) == "completed"
+    assert stored_ids(conn, mailbox) == sorted(message_id(mailbox, i) for i in range(250))
+    assert [c["emails_synced"] for c in chunks(conn, job_id)] == [100, 100, 50]
+    assert [a["chunk_index"] for a in attempts(conn, job_id)] == [1, 2, 3]
+
+
 def die_after_one_page(
     conn: Connection, source: FakeMailSource, mailbox: str
 ) -> tuple[Chunk, Page]:
