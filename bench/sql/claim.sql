@@ -58,3 +58,12 @@ EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM syncctl_claim_chunk('bench-explain', %(
 
 -- reset_session --
 RESET ALL;
+
+-- run_chunks_in_parallel --
+-- Jobs as `syncctl create` makes them: up to four chunks of a job at once.
+WITH changed AS (
+    UPDATE sync_queue SET parallel = %(parallel)s
+     WHERE status IN ('pending', 'processing')
+    RETURNING id
+)
+SELECT count(syncctl_refresh_job(id)) AS jobs FROM changed;
