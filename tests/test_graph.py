@@ -763,6 +763,24 @@ def test_slots_of_a_crashed_process_come_free_when_their_lease_ends(
     assert len(in_use) == 4
 
 
+def test_slot_rows_lost_in_a_database_crash_are_made_again(
+    target: DatabaseTarget, conn: Connection
+) -> None:
+    # graph_request_slots is UNLOGGED: crash recovery and a promoted standby empty it.
+    slots = MailboxSlots(target, max_wait=WAIT)
+    try:
+        with slots.hold(MAILBOX):
+            pass
+        conn.execute("TRUNCATE graph_request_slots")
+
+        with slots.hold(MAILBOX) as slot:
+            held = conn.execute(query("request_slots_in_use"), {"mailbox": MAILBOX}).fetchall()
+    finally:
+        slots.close()
+
+    assert [row["slot"] for row in held] == [slot]
+
+
 def test_open_mail_source_reads_the_environment_and_uses_database_slots(
     server: FakeGraphServer,
     target: DatabaseTarget,

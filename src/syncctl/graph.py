@@ -341,6 +341,9 @@ def token_provider(settings: GraphSettings) -> TokenProvider:
 
 # -- per-mailbox request slots ------------------------------------------------
 
+# How often a request that finds no free slot makes sure the mailbox's slot rows exist.
+ENSURE_SLOTS_EVERY = 1.0
+
 
 class MailboxSlots:
     """At most `limit` Graph requests in flight per mailbox, across every process
@@ -369,7 +372,8 @@ class MailboxSlots:
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._local: dict[str, threading.BoundedSemaphore] = {}
-        self._ready: set[str] = set()
+        # When each mailbox's slot rows were last made sure of (time.monotonic()).
+        self._ensured: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"MailboxSlots(database={self._target.masked_url}, limit={self._limit})"
@@ -404,9 +408,8 @@ class MailboxSlots:
             return self._local[key]
 
     def _take(self, key: str, mailbox: str, deadline: float) -> tuple[int, str]:
-        if key not in self._ready:
-            self._run("ensure_request_slots", {"mailbox": key, "limit": self._limit})
-            self._ready.add(key)
+        if key not in self._ensured:
+            self._ensure(key)
         holder = f"{self._holder_prefix}:{uuid.uuid4().hex[:12]}"
         params = {"mailbox": key, "limit": self._limit, "holder": holder, "lease": self._lease}
         while True:
@@ -415,8 +418,17 @@ class MailboxSlots:
                 return int(row["slot"]), holder
             if time.monotonic() >= deadline:
                 raise self._gave_up(mailbox)
+            # Every slot busy, or the rows are gone: the table is UNLOGGED, so a
+            # crash or a failover empties it. Make them again now and then.
+            if time.monotonic() - self._ensured[key] >= ENSURE_SLOTS_EVERY:
+                self._ensure(key)
+                continue
             # Other processes hold every slot: poll, spread out so they do not all retry at once.
             time.sleep(self._poll * random.uniform(0.5, 1.5))
+
+    def _ensure(self, key: str) -> None:
+        self._run("ensure_request_slots", {"mailbox": key, "limit": self._limit})
+        self._ensured[key] = time.monotonic()
 
     def _give_back(self, key: str, slot: int, holder: str) -> None:
         try:
