@@ -27,3 +27,23 @@ SELECT lower(s.email) AS email, count(e.id) AS messages
   LEFT JOIN emails e ON e.store_id = s.id
  WHERE right(lower(s.email), length(%(suffix)s)) = %(suffix)s
  GROUP BY lower(s.email);
+
+-- demo_chunks_at_once --
+-- The most chunks of each job worked on at one moment, from their attempts:
+-- +1 where an attempt started, -1 where it ended, summed in time order.
+WITH edges AS (
+    SELECT c.parent_sync_job_id AS job_id, a.started_at AS at, 1 AS delta
+      FROM chunk_attempts a JOIN chunked_sync_jobs c ON c.id = a.chunk_id
+     WHERE c.parent_sync_job_id = ANY(%(job_ids)s)
+    UNION ALL
+    SELECT c.parent_sync_job_id, coalesce(a.finished_at, now()), -1
+      FROM chunk_attempts a JOIN chunked_sync_jobs c ON c.id = a.chunk_id
+     WHERE c.parent_sync_job_id = ANY(%(job_ids)s)
+),
+running AS (
+    SELECT job_id,
+           sum(delta) OVER (PARTITION BY job_id ORDER BY at, delta
+                            ROWS UNBOUNDED PRECEDING) AS at_once
+      FROM edges
+)
+SELECT job_id, max(at_once)::integer AS most FROM running GROUP BY job_id;

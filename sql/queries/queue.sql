@@ -1,5 +1,6 @@
 -- claim_chunk --
--- Claim the head chunk of the highest-priority, oldest claimable job.
+-- Claim a chunk: highest priority first, then the job with the fewest chunks in
+-- flight, served longest ago, oldest; within it, the lowest claimable chunk.
 SELECT * FROM syncctl_claim_chunk(%(worker_id)s, %(lease)s);
 
 -- heartbeat --

@@ -35,6 +35,7 @@ from syncctl.db import Connection, connection, query
 from syncctl.errors import BadInput, CheckFailed
 from syncctl.fakegraph import FakeGraphServer, serve
 from syncctl.graph import GraphMailSource, GraphSettings, MailboxSlots
+from syncctl.mailsource import MAILBOX_CONCURRENCY
 from syncctl.migrate import migrate
 
 # Reserved for documentation and tests (RFC 2606): no real mailbox lives there.
@@ -68,6 +69,7 @@ class SampleMailbox:
     messages: int
     chunk_size: int
     role: str  # what it shows, for the person watching
+    parallel: int = MAILBOX_CONCURRENCY  # chunks of its job at once
     throttle_rate: float | None = None
     retry_after: float | None = None
     latency: float | None = None
@@ -90,7 +92,7 @@ SAMPLE_MAILBOXES = (
         latency=0.05,
     ),
     SampleMailbox("sales", "Sales", 6_000, 2_000, "mid-sized"),
-    SampleMailbox("support", "Support", 2_500, 1_000, "small"),
+    SampleMailbox("support", "Support", 2_500, 1_000, "small", parallel=1),
     SampleMailbox(
         "legal",
         "Legal",
@@ -223,6 +225,7 @@ def create_sample_jobs(
                 source,
                 store_ref=mailbox.email,
                 chunk_size=mailbox.chunk_size,
+                parallel=mailbox.parallel,
                 sync_type="demo",
                 force=True,
             )
@@ -470,9 +473,12 @@ def run_demo(
         with sample_server() as server:
             output.message(f"Graph-compatible server at {server.url}, with these mailboxes:")
             for mailbox in SAMPLE_MAILBOXES:
+                at_once = (
+                    "one at a time" if mailbox.parallel == 1 else f"{mailbox.parallel} at once"
+                )
                 output.message(
                     f"  {mailbox.email}: {mailbox.messages} messages in chunks of "
-                    f"{mailbox.chunk_size}; {mailbox.role}"
+                    f"{mailbox.chunk_size}, {at_once}; {mailbox.role}"
                 )
             job_ids = create_sample_jobs(conn, target, server)
             output.message(
@@ -501,6 +507,7 @@ def run_demo(
             elapsed = time.monotonic() - started
             output.message(f"Every worker has exited, {elapsed:.0f}s after the demo started.")
             problems = _problems(conn, job_ids, demo)
+            _show_parallel_chunks(conn, job_ids)
             _show_throttling(server)
             if demo.saboteur.kill is not None:
                 _show_recovery(conn, demo.saboteur.kill)
@@ -579,6 +586,13 @@ def _problems(conn: Connection, job_ids: Mapping[str, UUID], demo: _RunningDemo)
                 f"{mailbox.email} holds {stored.get(mailbox.email, 0)} messages, "
                 f"not all {mailbox.messages}."
             )
+    at_once = chunks_at_once(conn, job_ids)
+    problems.extend(
+        f"{mailbox.email} had {at_once[mailbox.email]} chunks worked on at once, more than "
+        f"its {mailbox.parallel}."
+        for mailbox in SAMPLE_MAILBOXES
+        if at_once.get(mailbox.email, 0) > mailbox.parallel
+    )
     kill = demo.saboteur.kill
     if kill is None:
         problems.append(
@@ -591,6 +605,25 @@ def _problems(conn: Connection, job_ids: Mapping[str, UUID], demo: _RunningDemo)
             f"worker was killed; see `syncctl status {kill.job_id}`."
         )
     return problems
+
+
+def chunks_at_once(conn: Connection, job_ids: Mapping[str, UUID]) -> dict[str, int]:
+    """{email: the most chunks of its job that were worked on at one moment}."""
+    emails = {job_id: email for email, job_id in job_ids.items()}
+    rows = conn.execute(query("demo_chunks_at_once"), {"job_ids": list(job_ids.values())})
+    return {emails[row["job_id"]]: row["most"] for row in rows.fetchall()}
+
+
+def _show_parallel_chunks(conn: Connection, job_ids: Mapping[str, UUID]) -> None:
+    at_once = chunks_at_once(conn, job_ids)
+    shown = ", ".join(
+        f"{mailbox.local_part} {at_once.get(mailbox.email, 0)} of {mailbox.parallel}"
+        for mailbox in SAMPLE_MAILBOXES
+    )
+    output.message(
+        f"Chunks of a job worked on at once, at most (of its --parallel): {shown}. A job's "
+        "`synced through` in `syncctl status` is where its first unfinished chunk starts."
+    )
 
 
 def _show_throttling(server: FakeGraphServer) -> None:
