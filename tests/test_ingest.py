@@ -235,7 +235,7 @@ def test_message_twice_in_one_page_is_stored_once(conn: Connection, chunk: Chunk
 
 
 def test_page_of_a_lost_lease_writes_nothing(conn: Connection, chunk: Chunk) -> None:
-    stale = replace(chunk, attempts=chunk.attempts - 1)  # an earlier attempt of the chunk
+    stale = replace(chunk, claim_seq=chunk.claim_seq - 1)  # an earlier claim of the chunk
 
     with pytest.raises(LeaseLost):
         write_page(conn, stale, [message(1)], checkpoint={"read": 1}, lease=LEASE)

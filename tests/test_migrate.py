@@ -17,7 +17,7 @@ import pytest
 import syncctl.migrate
 from helpers import wait_for
 from syncctl.config import DatabaseTarget
-from syncctl.db import Connection, connect
+from syncctl.db import Connection, connect, query
 from syncctl.migrate import (
     MIGRATION_LOCK_KEY,
     MigrationFailed,
@@ -503,3 +503,62 @@ def test_runbook_runs_unchanged_on_a_fresh_database(conn: Connection) -> None:
     _, deleted = run_runbook(conn, "maintenance_1_cleanup_old_jobs")
     assert deleted == 1
     assert set(job_statuses(conn)) == {stuck_job, failed_job}
+
+
+# --- upgrading while workers run ----------------------------------------------------------
+
+
+def apply_migrations_up_to(conn: Connection, last: str) -> None:
+    """Apply the shipped migrations up to and including `last`, as a release that ended there."""
+    conn.execute(query("create_schema_migrations"))
+    for name, text in migration_files():
+        with conn.transaction():
+            conn.execute(text)
+            conn.execute(query("record_migration"), {"name": name})
+        if name == last:
+            return
+    raise AssertionError(f"no migration {last}")
+
+
+def test_a_chunk_claimed_before_the_claim_number_fence_is_finished_by_its_old_worker(
+    empty_conn: Connection,
+) -> None:
+    conn = empty_conn
+    apply_migrations_up_to(conn, "0007_windows_parallel_fair_claims.sql")
+    store = conn.execute(
+        "INSERT INTO stores (name, email) VALUES ('old', 'old@example.com') RETURNING id"
+    ).fetchone()
+    assert store is not None
+    job = conn.execute(
+        "INSERT INTO sync_queue (store_id, metadata) VALUES (%s, '{\"chunk_size\": 1}')"
+        " RETURNING id",
+        [store["id"]],
+    ).fetchone()
+    assert job is not None
+    conn.execute("SELECT create_sync_chunks(%s, 'manual', 2)", [job["id"]])
+    held = conn.execute("SELECT * FROM syncctl_claim_chunk('old-worker', '1 minute')").fetchone()
+    assert held is not None
+
+    assert migrate(conn)[0] == "0008_fence_by_claim_number.sql"
+
+    # The previous release's worker heartbeats and finishes as it always did.
+    beat = conn.execute(
+        "UPDATE chunked_sync_jobs SET lease_expires_at = now() + interval '1 minute'"
+        " WHERE id = %s AND status = 'processing' AND worker_id = 'old-worker' AND attempts = 1"
+        " RETURNING id",
+        [held["id"]],
+    ).fetchone()
+    assert beat is not None
+    finished = conn.execute(
+        "SELECT syncctl_finish_chunk(%s, 'old-worker', 1, 'completed') AS status", [held["id"]]
+    ).fetchone()
+    assert finished == {"status": "completed"}
+    attempts = conn.execute(
+        "SELECT attempt, outcome FROM chunk_attempts WHERE chunk_id = %s", [held["id"]]
+    ).fetchall()
+    assert attempts == [{"attempt": 1, "outcome": "completed"}]
+    # The next claim is made by the new rules: a claim number, attempt rows numbered on.
+    nxt = claim_chunk(conn, worker_id="new-worker", lease=LEASE)
+    assert nxt is not None
+    assert nxt.chunk_index == 2
+    assert nxt.claim_seq > 0

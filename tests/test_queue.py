@@ -23,7 +23,7 @@ from syncctl.db import Connection
 from syncctl.errors import BadInput
 from syncctl.ingest import LeaseLost, write_page
 from syncctl.jobs import add_store, create_job
-from syncctl.operations import cancel_job
+from syncctl.operations import cancel_job, retry_job
 from syncctl.queue import (
     Chunk,
     Outcome,
@@ -33,6 +33,7 @@ from syncctl.queue import (
     queue_has_work,
     reap,
 )
+from test_ingest import message
 
 LEASE = timedelta(seconds=30)
 BLINK = timedelta(milliseconds=1)  # a lease or backoff that is over almost at once
@@ -93,7 +94,8 @@ def job_row(conn: Connection, job_id: UUID) -> dict[str, Any]:
 
 def attempts_of(conn: Connection, chunk_id: UUID) -> list[dict[str, Any]]:
     return conn.execute(
-        "SELECT attempt, worker_id, outcome, error, started_at, finished_at, duration_ms"
+        "SELECT attempt, worker_id, outcome, error, started_at, finished_at, duration_ms,"
+        "       emails_synced"
         "  FROM chunk_attempts WHERE chunk_id = %s ORDER BY id",
         [chunk_id],
     ).fetchall()
@@ -559,6 +561,77 @@ def test_same_worker_with_an_older_attempt_is_fenced_out(conn: Connection) -> No
     assert finish_chunk(conn, second, "completed") == "completed"
 
 
+def test_a_claim_made_again_with_the_same_worker_and_attempt_fences_out_the_first(
+    conn: Connection,
+) -> None:
+    # Two slots of one process share a worker id; cancel then retry resets the
+    # attempts, so the second claim has the worker id and attempt of the first.
+    job = new_job(conn, chunks=1)
+    first = must(claim(conn, "host:1"))
+    cancel_job(conn, job)
+    retry_job(conn, job)
+    second = must(claim(conn, "host:1"))
+    assert (second.id, second.worker_id, second.attempts) == (
+        first.id,
+        first.worker_id,
+        first.attempts,
+    )
+    before = chunk_row(conn, first.id)
+
+    assert heartbeat(conn, first, lease=LEASE) is None
+    with pytest.raises(LeaseLost):
+        write_page(conn, first, [], checkpoint={"read": 1000}, lease=LEASE)
+    assert finish_chunk(conn, first, "completed") is None
+
+    assert chunk_row(conn, first.id) == before
+    assert heartbeat(conn, second, lease=LEASE) is not None
+    assert finish_chunk(conn, second, "completed") == "completed"
+
+
+def test_each_attempt_records_the_messages_it_added(conn: Connection) -> None:
+    new_job(conn, chunks=1, max_attempts=3)
+    first = must(claim(conn, "w1"))
+    write_page(conn, first, [message(1), message(2)], checkpoint={"read": 2}, lease=LEASE)
+    finish_chunk(conn, first, "error", error="connection reset", retry_base=BLINK)
+    second = claim_after_backoff(conn, chunk_row(conn, first.id)["not_before"], "w2")
+    write_page(conn, second, [message(3)], checkpoint={"read": 3}, lease=LEASE)
+    conn.execute(
+        "UPDATE chunked_sync_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        [second.id],
+    )
+    reap(conn)
+    third = must(claim(conn, "w3"))
+    write_page(conn, third, [message(4), message(5)], checkpoint={"read": 5}, lease=LEASE)
+    finish_chunk(conn, third, "completed")
+
+    rows = attempts_of(conn, first.id)
+    assert [(r["outcome"], r["emails_synced"]) for r in rows] == [
+        ("retrying", 2),
+        ("reaped", 1),
+        ("completed", 2),
+    ]
+    assert chunk_row(conn, first.id)["emails_synced"] == 5
+
+
+def test_reap_skips_a_chunk_locked_by_another_session_instead_of_waiting(
+    conn: Connection, make_conn: Callable[[], Connection]
+) -> None:
+    new_job(conn, chunks=1)
+    chunk = claim_expired(conn, "w1")
+    # A session that locked the chunk and vanished before committing.
+    vanished = make_conn()
+    vanished.execute("BEGIN")
+    vanished.execute("SELECT 1 FROM chunked_sync_jobs WHERE id = %s FOR UPDATE", [chunk.id])
+    reaper = make_conn()
+    reaper.execute("SET statement_timeout = '5s'")
+
+    assert reap(reaper) == []  # returned at once, the chunk left for the next pass
+    assert chunk_row(conn, chunk.id)["status"] == "processing"
+
+    vanished.execute("ROLLBACK")
+    assert [r.chunk_id for r in reap(reaper)] == [chunk.id]
+
+
 # --- retries ------------------------------------------------------------------------------
 
 
@@ -638,12 +711,13 @@ def test_released_chunk_is_pending_again_without_using_an_attempt(conn: Connecti
         None,
         None,
     )
-    # Its only attempt was given back, so it runs again at once, as attempt 1.
+    # Its only attempt was given back, so it runs again at once on that attempt;
+    # the attempt rows keep numbering the chunk's attempts, never one number twice.
     again = must(claim(conn, "w2"))
     assert (again.id, again.attempts) == (chunk.id, 1)
     assert [(a["attempt"], a["worker_id"], a["outcome"]) for a in attempts_of(conn, chunk.id)] == [
         (1, "w1", "released"),
-        (1, "w2", "running"),
+        (2, "w2", "running"),
     ]
     assert finish_chunk(conn, chunk, "completed") is None  # w1's hand-back was final
 

@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from syncctl.db import Connection
-from syncctl.queue import claim_chunk, finish_chunk
+from syncctl.queue import claim_chunk, finish_chunk, reap
 
 BUSINESS = UUID("b0000000-0000-0000-0000-000000000001")
 CLAIM_KEYS = {
@@ -324,6 +324,32 @@ def test_seed_and_syncctl_workers_share_one_queue(conn: Connection) -> None:
     nxt = claim_chunk(conn, worker_id="syncctl-1", lease=LEASE)
     assert nxt is not None
     assert (nxt.parent_sync_job_id, nxt.chunk_index) == (older, 2)
+
+
+def test_complete_chunk_job_cannot_change_a_chunk_a_syncctl_worker_holds(
+    conn: Connection,
+) -> None:
+    job = insert_parent(conn, metadata='{"chunk_size": 1}')
+    create_sync_chunks(conn, job, p_estimated_email_count=1)
+    edge = claim_next_chunk_job(conn, "edge-1")
+    # The original caller stalls past its lease; it is reaped and a syncctl worker takes over.
+    conn.execute(
+        "UPDATE chunked_sync_jobs SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+        [edge["chunk_id"]],
+    )
+    reap(conn)
+    ours = claim_chunk(conn, worker_id="syncctl-1", lease=LEASE)
+    assert ours is not None
+    assert str(ours.id) == edge["chunk_id"]
+
+    late = complete_chunk_job(conn, edge["chunk_id"], p_status="failed")
+
+    assert late == {"success": False, "error": "chunk is held by a syncctl worker now"}
+    row = conn.execute(
+        "SELECT status, worker_id, attempts FROM chunked_sync_jobs WHERE id = %s", [ours.id]
+    ).fetchone()
+    assert row == {"status": "processing", "worker_id": "syncctl-1", "attempts": 2}
+    assert finish_chunk(conn, ours, "completed") == "completed"
 
 
 def test_complete_chunk_job_records_processing_time_and_rolls_the_parent_up(

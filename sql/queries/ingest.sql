@@ -1,5 +1,5 @@
 -- save_checkpoint --
--- Record a page's progress and extend the lease, only while this attempt holds the chunk.
+-- Record a page's progress and extend the lease, only while this claim holds the chunk.
 UPDATE chunked_sync_jobs
    SET checkpoint = %(checkpoint)s,
        emails_synced = emails_synced + %(page_size)s,
@@ -7,8 +7,7 @@ UPDATE chunked_sync_jobs
        heartbeat_at = now(),
        lease_expires_at = now() + %(lease)s,
        updated_at = now()
- WHERE id = %(chunk_id)s AND status = 'processing'
-   AND worker_id = %(worker_id)s AND attempts = %(attempt)s
+ WHERE id = %(chunk_id)s AND status = 'processing' AND claim_seq = %(claim_seq)s
 RETURNING emails_synced;
 
 -- copy_emails --

@@ -4,16 +4,15 @@
 SELECT * FROM syncctl_claim_chunk(%(worker_id)s, %(lease)s);
 
 -- heartbeat --
--- Extend the lease of a chunk this worker still holds; no row when it lost it.
+-- Extend the lease of a chunk this claim still holds; no row when it lost it.
 UPDATE chunked_sync_jobs
    SET heartbeat_at = now(), lease_expires_at = now() + %(lease)s
- WHERE id = %(chunk_id)s AND status = 'processing'
-   AND worker_id = %(worker_id)s AND attempts = %(attempt)s
+ WHERE id = %(chunk_id)s AND status = 'processing' AND claim_seq = %(claim_seq)s
 RETURNING lease_expires_at;
 
 -- finish_chunk --
 -- End an attempt (completed, error, permanent or released); NULL when fenced out.
-SELECT syncctl_finish_chunk(%(chunk_id)s, %(worker_id)s, %(attempt)s, %(outcome)s,
+SELECT syncctl_finish_claim(%(chunk_id)s, %(claim_seq)s, %(outcome)s,
                             %(error)s, %(processing_time_ms)s, %(retry_base)s) AS status;
 
 -- reap --

@@ -42,12 +42,13 @@ def write_page(
                 "page_size": len(messages),
                 "lease": lease,
                 "chunk_id": chunk.id,
-                "worker_id": chunk.worker_id,
-                "attempt": chunk.attempts,
+                "claim_seq": chunk.claim_seq,
             },
         ).fetchone()
         if row is None:
-            raise LeaseLost(f"{chunk} no longer belongs to worker {chunk.worker_id}")
+            raise LeaseLost(
+                f"{chunk} no longer belongs to claim {chunk.claim_seq} of worker {chunk.worker_id}"
+            )
         if messages:
             _store(conn, chunk, messages)
         synced: int = row["emails_synced"]

@@ -2,7 +2,7 @@
 
 The rules themselves (order and parallelism within a job, fair claims across
 jobs, fencing, backoff, the watermark, roll-up) live in the database
-functions of sql/migrations (0002, 0005, 0007), so syncctl workers and
+functions of sql/migrations (0002, 0005, 0007, 0008), so syncctl workers and
 callers of the original system's functions obey the same ones. These functions take the
 connection first and never commit: the caller owns the transaction.
 """
@@ -38,6 +38,9 @@ class Chunk:
     attempts: int
     max_attempts: int
     worker_id: str
+    # This claim's number, never given to another claim: what fences the
+    # claim's heartbeats, checkpoints and finish.
+    claim_seq: int
     lease_expires_at: datetime
     emails_synced: int
     checkpoint: dict[str, Any] | None
@@ -72,15 +75,10 @@ def claim_chunk(conn: Connection, *, worker_id: str, lease: timedelta) -> Chunk 
 
 
 def heartbeat(conn: Connection, chunk: Chunk, *, lease: timedelta) -> datetime | None:
-    """Extend the lease; None when the chunk no longer belongs to this attempt."""
+    """Extend the lease; None when the chunk no longer belongs to this claim."""
     row = conn.execute(
         query("heartbeat"),
-        {
-            "chunk_id": chunk.id,
-            "worker_id": chunk.worker_id,
-            "attempt": chunk.attempts,
-            "lease": lease,
-        },
+        {"chunk_id": chunk.id, "claim_seq": chunk.claim_seq, "lease": lease},
     ).fetchone()
     return row["lease_expires_at"] if row else None
 
@@ -99,8 +97,7 @@ def finish_chunk(
         query("finish_chunk"),
         {
             "chunk_id": chunk.id,
-            "worker_id": chunk.worker_id,
-            "attempt": chunk.attempts,
+            "claim_seq": chunk.claim_seq,
             "outcome": outcome,
             "error": error,
             "processing_time_ms": processing_time_ms,

@@ -180,7 +180,7 @@ class Worker:
         self._wakeup = threading.Condition()
         self._generation = 0
         self._idle_slots = 0
-        self._held: dict[Any, _HeldChunk] = {}
+        self._held: dict[int, _HeldChunk] = {}  # by claim number
         self._held_lock = threading.Lock()
         self._failed_chunks = 0
         self._fatal: BaseException | None = None
@@ -530,13 +530,13 @@ class Worker:
     def _hold(self, chunk: Chunk, chunk_log: _ChunkLog) -> _HeldChunk:
         held = _HeldChunk(chunk, chunk_log)
         with self._held_lock:
-            self._held[chunk.id] = held
+            self._held[chunk.claim_seq] = held
         metrics.CHUNKS_IN_PROGRESS.inc()
         return held
 
     def _unhold(self, chunk: Chunk) -> None:
         with self._held_lock:
-            held = self._held.pop(chunk.id, None)
+            held = self._held.pop(chunk.claim_seq, None)
         if held is not None:
             metrics.CHUNKS_IN_PROGRESS.dec()
 
