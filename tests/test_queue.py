@@ -852,6 +852,21 @@ def test_reap_never_revives_a_cancelled_job(conn: Connection) -> None:
 # --- history and roll-up ------------------------------------------------------------------
 
 
+def test_job_cancelled_then_retried_for_one_chunk_rolls_up_cancelled(conn: Connection) -> None:
+    job = new_job(conn, chunks=2)
+    cancel_job(conn, job, reason="operator")
+    retry_job(conn, job, chunk_index=1)
+    chunk = must(claim(conn))
+
+    assert finish_chunk(conn, chunk, "completed") == "completed"
+
+    # Chunk 2 is still cancelled: the job did not copy its whole window.
+    assert job_row(conn, job)["status"] == "cancelled"
+    retry_job(conn, job)
+    assert finish_chunk(conn, must(claim(conn)), "completed") == "completed"
+    assert job_row(conn, job)["status"] == "completed"
+
+
 def test_chunk_attempts_record_every_attempt(conn: Connection) -> None:
     new_job(conn, chunks=1, max_attempts=3)
     first = must(claim(conn, "w1"))
@@ -914,6 +929,16 @@ def test_queue_has_work_while_any_chunk_is_pending_or_processing(conn: Connectio
     chunk = must(claim(conn))
     assert queue_has_work(conn)
     finish_chunk(conn, chunk, "completed")
+    assert not queue_has_work(conn)
+
+
+def test_a_pending_chunk_under_a_finished_job_is_not_work(conn: Connection) -> None:
+    job = new_job(conn, chunks=1)
+    # As an upgraded database can hold it: never rolled back to processing.
+    conn.execute(
+        "UPDATE sync_queue SET status = 'completed', claimable_at = NULL WHERE id = %s", [job]
+    )
+
     assert not queue_has_work(conn)
 
 

@@ -486,6 +486,21 @@ def test_drain_returns_0_at_once_on_an_empty_queue(
     assert start_worker(FakeMailSource({})).join() == 0
 
 
+def test_drain_exits_on_a_pending_chunk_left_under_a_finished_job(
+    conn: Connection, start_worker: Callable[..., WorkerThread]
+) -> None:
+    # An upgraded database can hold a pending chunk whose job is already
+    # completed: it can never be claimed, so it is not work to wait for.
+    source = FakeMailSource({"legacy@example.com": 3})
+    job_id = new_job(conn, source, "legacy@example.com", chunk_size=1)
+    conn.execute(
+        "UPDATE sync_queue SET status = 'completed', claimable_at = NULL WHERE id = %s", [job_id]
+    )
+
+    assert start_worker(source).join() == 0
+    assert stored_ids(conn, "legacy@example.com") == []
+
+
 def test_drain_waits_for_a_chunk_in_retry_backoff(
     conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:

@@ -20,9 +20,13 @@ SELECT syncctl_finish_claim(%(chunk_id)s, %(claim_seq)s, %(outcome)s,
 SELECT * FROM syncctl_reap(%(dry_run)s, %(started_before)s, %(reason)s);
 
 -- queue_has_work --
--- Whether any chunk is still pending or processing anywhere.
-SELECT EXISTS (SELECT 1 FROM chunked_sync_jobs
-                WHERE status IN ('pending', 'processing')) AS busy;
+-- Whether any chunk is processing, or pending under a job that is not finished
+-- (an upgraded database can hold pending chunks of a finished job, which no
+-- claim takes).
+SELECT EXISTS (SELECT 1 FROM chunked_sync_jobs c
+                 JOIN sync_queue q ON q.id = c.parent_sync_job_id
+                WHERE c.status = 'processing'
+                   OR (c.status = 'pending' AND q.status IN ('pending', 'processing'))) AS busy;
 
 -- job_of_chunk --
 SELECT parent_sync_job_id AS job_id FROM chunked_sync_jobs WHERE id = %(chunk_id)s;
