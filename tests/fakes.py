@@ -71,6 +71,9 @@ class FakeMailSource:
         with self._lock:
             self._links_from += 1
 
+    def interrupt(self) -> None:
+        """Nothing here waits on Graph: fetches are not cut short."""
+
     def count(self, mailbox: str, window: Window) -> int:
         return len(self._window_indexes(mailbox, window))
 
@@ -213,3 +216,6 @@ class CountOnly:
         self, mailbox: str, window: Window, *, skip: int, top: int, next_link: str | None = None
     ) -> Page:
         raise AssertionError("these tests never fetch mail")
+
+    def interrupt(self) -> None:
+        """Nothing to cut short."""

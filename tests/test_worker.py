@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -17,10 +18,12 @@ import pytest
 
 import syncctl.worker as worker_module
 from fakes import FakeMailSource, FetchCall, message_id, received_at
-from helpers import WAIT, WorkerThread, wait_for
+from helpers import WAIT, WorkerThread, quick_graph_settings, wait_for
 from syncctl.chunkread import fetch, reader_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import Connection
+from syncctl.fakegraph import FakeGraphServer
+from syncctl.graph import GraphMailSource, MailboxSlots
 from syncctl.ingest import LeaseLost, write_page
 from syncctl.jobs import add_store, create_job
 from syncctl.mailsource import MailSourceError, Page, Window
@@ -571,6 +574,49 @@ def test_sigterm_releases_the_chunk_in_flight_without_using_an_attempt(
     assert [a["outcome"] for a in attempts(conn, job_id)] == ["released"]
     assert len(source.calls) == 1, "the worker fetched another page after the signal"
     assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(10)]
+
+
+LONG_LEASE = timedelta(seconds=30)
+
+
+@pytest.mark.parametrize("waiting_for", ["retry-after", "request-slot"])
+def test_stop_while_waiting_on_graph_exits_within_seconds_and_uses_no_attempt(
+    conn: Connection, target: DatabaseTarget, waiting_for: str
+) -> None:
+    mailbox = "throttled@example.com"
+    # Graph answers every request 429, Retry-After 5 s, or another process
+    # holds all four of the mailbox's request slots.
+    throttle = 1.0 if waiting_for == "retry-after" else 0.0
+    with FakeGraphServer({mailbox: 20}, throttle_rate=throttle, retry_after=5) as server:
+        other_process = MailboxSlots(target, lease=60)
+        holds = [other_process.hold(mailbox) for _ in range(4 if throttle == 0 else 0)]
+        for hold in holds:
+            hold.__enter__()
+        settings = quick_graph_settings(server.url, server.token, max_tries=6, retry_after_cap=5)
+        source = GraphMailSource(settings, slots=MailboxSlots(target, max_wait=600))
+        try:
+            job_id = new_job(conn, FakeMailSource({mailbox: 20}), mailbox, chunk_size=20)
+            running = WorkerThread(target, source, options(drain=False, lease=LONG_LEASE))
+            if throttle:
+                wait_for(lambda: any(r.status == 429 for r in server.requests), what="a 429")
+            else:
+                wait_for(lambda: job_status(conn, job_id) == "processing", what="the claim")
+            time.sleep(0.5)  # well into the wait
+            stopped_at = time.monotonic()
+            running.stop.set()
+            running.thread.join(WAIT)
+            took = time.monotonic() - stopped_at
+        finally:
+            for hold in holds:
+                hold.__exit__(None, None, None)
+            other_process.close()
+            source.close()
+
+    assert running.join() == 0
+    assert took < 3, f"the worker took {took:.1f}s to stop"
+    chunk = chunks(conn, job_id)[0]
+    assert (chunk["status"], chunk["attempts"]) == ("pending", 0)
+    assert [a["outcome"] for a in attempts(conn, job_id)] == ["released"]
 
 
 def test_next_page_is_fetched_while_the_page_before_it_is_written(

@@ -262,6 +262,10 @@ class _MailSourceOnDemand:
     def count(self, mailbox: str, window: Window) -> int:
         return self._opened().count(mailbox, window)
 
+    def interrupt(self) -> None:
+        if self._source is not None:
+            self._source.interrupt()
+
     def received_at(self, mailbox: str, window: Window, position: int) -> datetime | None:
         return self._opened().received_at(mailbox, window, position)
 

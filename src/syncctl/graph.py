@@ -46,6 +46,7 @@ from syncctl.errors import BadInput, DatabaseUnavailable
 from syncctl.mailsource import (
     MAILBOX_CONCURRENCY,
     PAGE_SIZE,
+    Interrupted,
     MailSourceError,
     Message,
     NextLinkExpired,
@@ -369,6 +370,7 @@ class MailboxSlots:
         self._max_wait = max_wait
         self._poll = poll
         self._holder_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self._interrupted = threading.Event()
         self._lock = threading.Lock()
         self._conn: Connection | None = None
         self._local: dict[str, threading.BoundedSemaphore] = {}
@@ -384,8 +386,10 @@ class MailboxSlots:
         key = mailbox.strip().lower()
         deadline = time.monotonic() + self._max_wait
         local = self._semaphore(key)
-        if not local.acquire(timeout=self._max_wait):
-            raise self._gave_up(mailbox)
+        while not local.acquire(timeout=min(self._poll, max(0.0, deadline - time.monotonic()))):
+            self._check_interrupted(mailbox)
+            if time.monotonic() >= deadline:
+                raise self._gave_up(mailbox)
         try:
             slot, holder = self._take(key, mailbox, deadline)
             try:
@@ -395,11 +399,19 @@ class MailboxSlots:
         finally:
             local.release()
 
+    def interrupt(self) -> None:
+        """Every wait for a slot, now or later, raises Interrupted."""
+        self._interrupted.set()
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def _check_interrupted(self, mailbox: str) -> None:
+        if self._interrupted.is_set():
+            raise Interrupted(f"Stopped while waiting for a Graph request slot of {mailbox}.")
 
     def _semaphore(self, key: str) -> threading.BoundedSemaphore:
         with self._lock:
@@ -424,7 +436,8 @@ class MailboxSlots:
                 self._ensure(key)
                 continue
             # Other processes hold every slot: poll, spread out so they do not all retry at once.
-            time.sleep(self._poll * random.uniform(0.5, 1.5))
+            self._interrupted.wait(self._poll * random.uniform(0.5, 1.5))
+            self._check_interrupted(mailbox)
 
     def _ensure(self, key: str) -> None:
         self._run("ensure_request_slots", {"mailbox": key, "limit": self._limit})
@@ -486,12 +499,13 @@ class GraphMailSource:
         tokens: TokenProvider | None = None,
         slots: MailboxSlots | None = None,
         transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self._tokens = tokens if tokens is not None else token_provider(settings)
         self._slots = slots
-        self._sleep = sleep
+        self._sleep = sleep  # None: wait on _interrupted, so interrupt() cuts waits short
+        self._interrupted = threading.Event()
         self._client = httpx.Client(
             timeout=httpx.Timeout(
                 connect=settings.connect_timeout,
@@ -513,6 +527,11 @@ class GraphMailSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+        if self._slots is not None:
+            self._slots.interrupt()
 
     def close(self) -> None:
         self._client.close()
@@ -622,6 +641,8 @@ class GraphMailSource:
         tries = max(1, self.settings.max_tries)
         problem = "no answer"
         for attempt in range(1, tries + 1):
+            if self._interrupted.is_set():
+                raise Interrupted(f"Stopped before asking Graph for mailbox {mailbox}.")
             try:
                 reply = self._send_authorized(mailbox, url, params, headers)
             except _Transient as exc:
@@ -657,11 +678,22 @@ class GraphMailSource:
                 wait,
             )
             metrics.GRAPH_THROTTLE_WAIT.labels(reason=reason).inc(wait)
-            self._sleep(wait)
+            self._pause(mailbox, wait)
         raise MailSourceError(
             f"Graph request for mailbox {mailbox} gave up after {tries} "
             f"{'try' if tries == 1 else 'tries'}; last: {problem}."
         )
+
+    def _pause(self, mailbox: str, seconds: float) -> None:
+        """Wait before the next try; Interrupted at once if the caller stops meanwhile."""
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            self._interrupted.wait(seconds)
+        if self._interrupted.is_set():
+            raise Interrupted(
+                f"Stopped while waiting {seconds:.2f}s to ask Graph again for mailbox {mailbox}."
+            )
 
     def _send_authorized(
         self,

@@ -71,6 +71,11 @@ class NextLinkExpired(MailSourceError):
     """The service no longer accepts a next-page link it gave earlier; list again instead."""
 
 
+class Interrupted(MailSourceError):
+    """A wait (for a request slot, a Retry-After, a backoff) was cut short
+    because the caller is stopping; nothing is wrong with the mailbox."""
+
+
 class MailSource(Protocol):
     def count(self, mailbox: str, window: Window) -> int:
         """How many messages the mailbox holds in the window."""
@@ -93,4 +98,10 @@ class MailSource(Protocol):
         """One page in receivedDateTime order: from next_link when given, else
         the top messages after skipping skip of the window. NextLinkExpired when
         the service refuses next_link."""
+        ...
+
+    def interrupt(self) -> None:
+        """Stop waiting: from now on a wait for a request slot, a Retry-After or a
+        backoff, in progress or to come, raises Interrupted at once. A request
+        already sent is answered (or times out) as usual."""
         ...

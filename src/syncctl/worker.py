@@ -285,6 +285,8 @@ class Worker:
     def _request_stop(self) -> None:
         self._stop.set()
         self._halt.set()
+        # Waits for Graph (Retry-After, backoff, a request slot) end now, not minutes later.
+        self.source.interrupt()
         self._wake_all()
 
     @contextmanager
@@ -419,6 +421,12 @@ class Worker:
                 chunk_log.warning("the chunk was taken away (reaped, cancelled or reset); dropped")
                 return
             except MailSourceError as exc:
+                if self._stop.is_set() and not exc.permanent:
+                    # Cut short by the stop (or failing while stopping): the attempt
+                    # was not the mailbox's fault, so it is handed back, not used up.
+                    chunk_log.info("stopping: %s", self._one_line(exc))
+                    self._finish(conn, held, "released")
+                    return
                 outcome: Outcome = "permanent" if exc.permanent else "error"
                 self._finish(conn, held, outcome, error=self._one_line(exc))
                 return
