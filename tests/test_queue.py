@@ -1095,3 +1095,17 @@ def test_claim_cost_does_not_grow_with_history_or_the_chunks_behind_each_head(
         must(claim(conn))
     _, scanning_blocks, _ = cost_of(conn, lambda: conn.execute(_SCANNING_CLAIM).fetchall())
     assert scanning_blocks > 20 * max(costs), (scanning_blocks, costs)
+
+
+def test_connections_probe_their_peer_and_end_idle_transactions(conn: Connection) -> None:
+    settings = conn.execute(
+        "SELECT current_setting('idle_in_transaction_session_timeout') AS idle,"
+        "       current_setting('tcp_keepalives_idle') AS probe_after"
+    ).fetchone()
+    assert settings is not None
+    assert settings["idle"] == "1min"
+    info = conn.info.get_parameters()
+    assert (info["keepalives"], info["keepalives_idle"]) == ("1", "30")
+    if conn.info.host.startswith("/"):
+        return  # a Unix socket: the server has no TCP peer to probe
+    assert settings["probe_after"] == "30"

@@ -733,8 +733,8 @@ def test_worker_survives_losing_its_database_connections(
     running = start_worker(source, options(worker_id="outage-worker", concurrency=2))
     assert running.join() == 0
 
-    # Two slots, the heartbeat and the listener.
-    assert terminated == [4]
+    # Two slots, the heartbeat, the reaper and the listener.
+    assert terminated == [5]
     assert job_status(conn, job_id) == "completed"
     assert "reaped" in [a["outcome"] for a in attempts(conn, job_id)]
     assert stored_ids(conn, mailbox) == [message_id(mailbox, i) for i in range(100)]

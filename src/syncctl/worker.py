@@ -196,7 +196,7 @@ class Worker:
 
     def _run(self) -> int:
         roles = [f"slot-{number + 1}" for number in range(self.options.concurrency)]
-        roles.append("heartbeat")
+        roles += ["heartbeat", "reaper"]
         if not self.options.poll_only:
             roles.append("listener")
         # Open every connection up front: a database that cannot be reached at
@@ -210,16 +210,35 @@ class Worker:
                 conn.close()
             raise
         slot_conns = opened[: self.options.concurrency]
-        maintenance_conn = opened[self.options.concurrency]
+        heartbeat_conn, reaper_conn = opened[
+            self.options.concurrency : self.options.concurrency + 2
+        ]
         listen_conn = None if self.options.poll_only else opened[-1]
 
+        # Heartbeats have a thread and a connection of their own: a slow reap
+        # (or any wait on another session) never delays a lease renewal.
+        lease = self.options.lease.total_seconds()
         background = [
             threading.Thread(
                 target=self._guarded,
-                args=("heartbeat", self._maintain, maintenance_conn),
+                args=(
+                    "heartbeat",
+                    partial(self._every, "heartbeat", lease / 3, self._heartbeat_held),
+                    heartbeat_conn,
+                ),
                 name="syncctl-heartbeat",
                 daemon=True,
-            )
+            ),
+            threading.Thread(
+                target=self._guarded,
+                args=(
+                    "reaper",
+                    partial(self._every, "reaper", min(lease / 2, MAX_REAP_INTERVAL), self._reap),
+                    reaper_conn,
+                ),
+                name="syncctl-reaper",
+                daemon=True,
+            ),
         ]
         if listen_conn is not None:
             background.append(
@@ -554,32 +573,33 @@ class Worker:
 
     # -- heartbeats and reaping -------------------------------------------
 
-    def _maintain(self, conn: Connection | None) -> None:
-        """Extend the lease of every held chunk every lease/3; reap every lease/2."""
-        lease = self.options.lease.total_seconds()
-        heartbeat_every = lease / 3
-        reap_every = min(lease / 2, MAX_REAP_INTERVAL)
-        next_heartbeat = next_reap = time.monotonic()
+    def _every(
+        self,
+        role: str,
+        interval: float,
+        task: Callable[[Connection], None],
+        conn: Connection | None,
+    ) -> None:
+        """Run task now and then every interval seconds until the worker is done,
+        reconnecting when the database goes away."""
+        due = time.monotonic()
         try:
             while not self._done.is_set():
                 if conn is None:
-                    conn = self._reconnect("heartbeat", until=self._done)
+                    conn = self._reconnect(role, until=self._done)
                     if conn is None:
                         break
                 try:
-                    if time.monotonic() >= next_heartbeat:
-                        self._heartbeat_held(conn)
-                        next_heartbeat = time.monotonic() + heartbeat_every
-                    if time.monotonic() >= next_reap:
-                        self._reap(conn)
-                        next_reap = time.monotonic() + reap_every
+                    task(conn)
                 except psycopg.Error as exc:
-                    log.warning("worker %s heartbeat: %s", self.worker_id, self._one_line(exc))
+                    log.warning("worker %s %s: %s", self.worker_id, role, self._one_line(exc))
                     if _connection_lost(exc, conn):
                         conn.close()
                         conn = None
                         continue
-                self._done.wait(max(0.0, min(next_heartbeat, next_reap) - time.monotonic()))
+                due += interval
+                self._done.wait(max(0.0, due - time.monotonic()))
+                due = max(due, time.monotonic())
         finally:
             if conn is not None:
                 conn.close()
