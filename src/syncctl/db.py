@@ -35,12 +35,7 @@ _QUERY_HEADER = re.compile(r"^-- ([a-z_][a-z0-9_]*) --$", re.MULTILINE)
 # hours: by this side through libpq's keepalives, by the server through its
 # own. A session left idle inside a transaction is ended by the server, so a
 # lock it holds cannot stall the queue for longer than that.
-KEEPALIVES = {
-    "keepalives": 1,
-    "keepalives_idle": 30,
-    "keepalives_interval": 10,
-    "keepalives_count": 3,
-}
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"
 
 
@@ -92,11 +87,22 @@ def connect(target: DatabaseTarget, *, autocommit: bool = True) -> Connection:
             row_factory=dict_row,
             connect_timeout=10,
             application_name="syncctl",
-            **KEEPALIVES,
+            keepalives=1,
+            keepalives_idle=KEEPALIVE_IDLE,
+            keepalives_interval=KEEPALIVE_INTERVAL,
+            keepalives_count=KEEPALIVE_COUNT,
         )
         # Set per session rather than as startup options, which poolers such as
         # PgBouncer refuse.
-        conn.execute(query("session_timeouts"), {"idle": IDLE_IN_TRANSACTION_TIMEOUT})
+        conn.execute(
+            query("session_timeouts"),
+            {
+                "idle": IDLE_IN_TRANSACTION_TIMEOUT,
+                "keepalive_idle": str(KEEPALIVE_IDLE),
+                "keepalive_interval": str(KEEPALIVE_INTERVAL),
+                "keepalive_count": str(KEEPALIVE_COUNT),
+            },
+        )
         if not autocommit:
             conn.commit()
     except psycopg.Error as exc:
