@@ -365,11 +365,59 @@ def test_store_cannot_have_two_active_jobs(conn: Connection) -> None:
     job = new_job(conn, chunks=1)
     store_id = job_row(conn, job)["store_id"]
 
-    with pytest.raises(psycopg.errors.UniqueViolation):
-        conn.execute("INSERT INTO sync_queue (store_id) VALUES (%s)", [store_id])
-
+    # Reopening a finished job beside an active one is refused by the index.
     finish_chunk(conn, must(claim(conn)), "completed")
-    conn.execute("INSERT INTO sync_queue (store_id) VALUES (%s)", [store_id])
+    newer = new_job_for_store(conn, store_id)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("UPDATE sync_queue SET status = 'pending' WHERE id = %s", [job])
+    assert job_row(conn, newer)["status"] == "pending"
+
+
+def new_job_for_store(conn: Connection, store_id: UUID) -> UUID:
+    row = conn.execute(
+        "INSERT INTO sync_queue (store_id) VALUES (%s) RETURNING id", [store_id]
+    ).fetchone()
+    assert row is not None
+    return UUID(str(row["id"]))
+
+
+def test_a_second_parent_inserted_for_a_store_supersedes_its_active_job(
+    conn: Connection,
+) -> None:
+    # The original frontend's createSyncJob, when a user reconnects mid-sync.
+    job = new_job(conn, chunks=2)
+    held = must(claim(conn, "w1"))
+    store_id = job_row(conn, job)["store_id"]
+
+    newer = new_job_for_store(conn, store_id)
+
+    old = job_row(conn, job)
+    assert old["status"] == "cancelled"
+    assert old["last_error"] == f"superseded by job {newer}, inserted for the same store"
+    assert {chunk_row(conn, c["id"])["status"] for c in chunks_of_job(conn, job)} == {"cancelled"}
+    assert [a["outcome"] for a in attempts_of(conn, held.id)] == ["cancelled"]
+    assert finish_chunk(conn, held, "completed") is None  # its worker is fenced out
+    assert job_row(conn, newer)["status"] == "pending"
+
+
+def chunks_of_job(conn: Connection, job_id: UUID) -> list[dict[str, Any]]:
+    return conn.execute(
+        "SELECT id FROM chunked_sync_jobs WHERE parent_sync_job_id = %s", [job_id]
+    ).fetchall()
+
+
+def test_syncctl_create_still_refuses_a_store_with_an_active_job(conn: Connection) -> None:
+    job = new_job(conn, chunks=1)
+    store = conn.execute(
+        "SELECT s.email FROM stores s JOIN sync_queue q ON q.store_id = s.id WHERE q.id = %s",
+        [job],
+    ).fetchone()
+    assert store is not None
+
+    with pytest.raises(BadInput, match="already has a pending job"):
+        create_job(conn, CountOnly(10), store_ref=store["email"])
+
+    assert job_row(conn, job)["status"] == "pending"
 
 
 def test_claim_never_skips_a_locked_job_head_to_its_sibling(

@@ -24,6 +24,12 @@ SELECT id FROM stores WHERE id = %(store_id)s FOR NO KEY UPDATE;
 SELECT id, status, created_at FROM sync_queue
  WHERE store_id = %(store_id)s AND status IN ('pending', 'processing');
 
+-- mark_own_job_insert --
+-- For the rest of this transaction, a job inserted is syncctl's own, which
+-- refuses a store's second active job rather than superseding the first
+-- (see migration 0010).
+SELECT set_config('syncctl.creating_job', 'on', true);
+
 -- insert_job --
 INSERT INTO sync_queue (business_id, store_id, sync_type, status, priority, parallel,
                         sync_from, sync_to, metadata, max_attempts, estimated_emails)

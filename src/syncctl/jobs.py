@@ -136,6 +136,7 @@ def create_job(
             _refuse_active_job(conn, store, force=force)
             cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
             cancelled = active["id"]
+        conn.execute(query("mark_own_job_insert"))
         try:
             job = conn.execute(
                 query("insert_job"),
