@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
@@ -391,7 +396,7 @@ def test_unknown_mailbox_fails_permanently_naming_it(
     with pytest.raises(MailSourceError) as failed:
         source.fetch_page("ghost@contoso.com", WHOLE, skip=0, top=10)
 
-    assert failed.value.permanent is True
+    assert (failed.value.permanent, failed.value.whole_mailbox) == (True, True)
     assert "ghost@contoso.com" in str(failed.value)
     assert "ErrorInvalidUser" in str(failed.value)
     assert len(server.requests) == 1
@@ -405,7 +410,7 @@ def test_access_denied_fails_permanently_at_once(
     with pytest.raises(MailSourceError) as failed:
         source.count(MAILBOX, WHOLE)
 
-    assert failed.value.permanent is True
+    assert (failed.value.permanent, failed.value.whole_mailbox) == (True, True)
     assert MAILBOX in str(failed.value)
     assert "Mail.Read" in str(failed.value)
     assert len(server.requests) == 1
@@ -779,6 +784,40 @@ def test_slot_rows_lost_in_a_database_crash_are_made_again(
         slots.close()
 
     assert [row["slot"] for row in held] == [slot]
+
+
+def test_slots_of_a_killed_process_on_this_host_come_free_at_once(
+    target: DatabaseTarget, conn: Connection
+) -> None:
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(gone.stdout)
+    host = socket.gethostname()
+    holders = [f"{host}:{dead_pid}:killed{n}" for n in range(3)] + [f"{host}:{os.getppid()}:alive"]
+    conn.execute(query("ensure_request_slots"), {"mailbox": MAILBOX, "limit": 4})
+    for slot, holder in enumerate(holders):
+        conn.execute(
+            "UPDATE graph_request_slots SET holder = %s, expires_at = now() + interval '10 minutes'"
+            " WHERE mailbox = %s AND slot = %s",
+            [holder, MAILBOX, slot],
+        )
+    survivor = MailboxSlots(target, max_wait=WAIT)
+    started = time.monotonic()
+    try:
+        with survivor.hold(MAILBOX) as slot:
+            waited = time.monotonic() - started
+            in_use = conn.execute(query("request_slots_in_use"), {"mailbox": MAILBOX}).fetchall()
+    finally:
+        survivor.close()
+
+    assert slot in (0, 1, 2)
+    assert waited < 5, f"waited {waited:.1f}s for a slot of a process that is gone"
+    # The dead process's other slots were given back; the live one's was not.
+    assert sorted(row["slot"] for row in in_use) == [slot, 3]
 
 
 def test_open_mail_source_reads_the_environment_and_uses_database_slots(

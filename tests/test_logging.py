@@ -50,9 +50,9 @@ def run_worker(
     with GraphMailSource(GraphSettings(url=server.url, token=TOKEN)) as graph:
         add_store(conn, name="adele", email=MAILBOX)
         job_id = create_job(conn, graph, store_ref=MAILBOX, chunk_size=1000).job_id
-    # Chunk 1: a 503 it waits out, then a 403 that fails it for good; chunk 2 syncs.
+    # Chunk 1: a 503 it waits out, then a 400 that fails it for good; chunk 2 syncs.
     server.fail_next(503, retry_after=0.05, code="ServiceUnavailable")
-    server.fail_next(403, code="ErrorAccessDenied")
+    server.fail_next(400, code="ErrorInvalidRequest")
     env = unconfigured_env(
         # The local server trusts every connection, so the password is carried but unused.
         SYNCCTL_DATABASE_URL=database_url.replace("postgres@", f"postgres:{PASSWORD}@", 1),
@@ -105,7 +105,7 @@ def test_json_logs_are_one_object_a_line_with_chunk_keys_and_no_secrets(
     assert (2, "info", "completed") in said
     [failed] = [line for line in about_chunks if line["level"] == "error"]
     assert failed["chunk_index"] == 1
-    assert "403" in failed["message"]
+    assert "400" in failed["message"]
     # -v shows which database is used, with its password masked.
     assert any("postgres:***@" in line["message"] for line in lines if line["level"] == "debug")
     # The Graph client's retry line, logged below the worker, names the chunk too.

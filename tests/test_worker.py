@@ -442,6 +442,26 @@ def test_permanent_error_fails_the_chunk_at_once(
     assert job_status(conn, job_id) == "failed"
 
 
+def test_mailbox_gone_fails_the_whole_job_at_once_with_one_reason(
+    conn: Connection, start_worker: Callable[..., WorkerThread]
+) -> None:
+    mailbox = "deleted-user@example.com"
+    reason = "Mailbox deleted-user@example.com was not found in Graph (404 ErrorInvalidUser)."
+    source = FakeMailSource(
+        {mailbox: 40}, fetch_errors={mailbox: MailSourceError(reason, whole_mailbox=True)}
+    )
+    job_id = new_job(conn, source, mailbox, chunk_size=10, max_attempts=3, parallel=1)
+
+    assert start_worker(source).join() == 1
+
+    assert len(source.calls) == 1  # one request told all there was to know
+    assert [(c["status"], c["last_error"]) for c in chunks(conn, job_id)] == [
+        ("failed", reason)
+    ] * 4
+    job = conn.execute("SELECT status, last_error FROM sync_queue WHERE id = %s", [job_id])
+    assert job.fetchone() == {"status": "failed", "last_error": reason}
+
+
 def test_unexpected_exception_is_a_chunk_error_with_a_one_line_message(
     conn: Connection, start_worker: Callable[..., WorkerThread]
 ) -> None:

@@ -30,3 +30,10 @@ SELECT slot, holder, expires_at
   FROM graph_request_slots
  WHERE mailbox = %(mailbox)s AND expires_at > clock_timestamp()
  ORDER BY slot;
+
+-- request_slots_of_host --
+-- The mailbox's slots held now by processes of one host (holders start 'host:').
+SELECT slot, holder
+  FROM graph_request_slots
+ WHERE mailbox = %(mailbox)s AND expires_at > clock_timestamp()
+   AND left(holder, length(%(prefix)s)) = %(prefix)s;

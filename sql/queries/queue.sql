@@ -34,3 +34,28 @@ SELECT parent_sync_job_id AS job_id FROM chunked_sync_jobs WHERE id = %(chunk_id
 -- notify_chunks --
 -- Wake idle workers.
 SELECT pg_notify('syncctl_chunks', %(payload)s);
+
+-- fail_unfinished_chunks --
+-- Fail every chunk of the job not finished yet with one reason (the mailbox
+-- itself is gone or refused); a worker holding one is fenced out. The caller
+-- holds the job's lock.
+WITH failed AS (
+    UPDATE chunked_sync_jobs
+       SET status = 'failed', completed_at = now(), lease_expires_at = NULL, not_before = NULL,
+           last_error = %(reason)s, updated_at = now()
+     WHERE parent_sync_job_id = %(job_id)s AND status IN ('pending', 'processing')
+    RETURNING id
+)
+UPDATE chunk_attempts a
+   SET finished_at = now(), outcome = 'failed', error = %(reason)s,
+       duration_ms = (extract(epoch FROM now() - a.started_at) * 1000)::integer
+  FROM failed f
+ WHERE a.chunk_id = f.id AND a.outcome = 'running';
+
+-- refresh_job --
+-- Recompute the job's state from its chunks (roll-up, claimability, watermark).
+SELECT syncctl_refresh_job(%(job_id)s);
+
+-- set_job_error --
+-- The reason a job failed, at the job's level.
+UPDATE sync_queue SET last_error = %(reason)s WHERE id = %(job_id)s;

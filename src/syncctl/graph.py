@@ -369,7 +369,8 @@ class MailboxSlots:
         self._lease = timedelta(seconds=lease)
         self._max_wait = max_wait
         self._poll = poll
-        self._holder_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self._host = socket.gethostname()
+        self._holder_prefix = f"{self._host}:{os.getpid()}"
         self._interrupted = threading.Event()
         self._lock = threading.Lock()
         self._conn: Connection | None = None
@@ -434,6 +435,7 @@ class MailboxSlots:
             # crash or a failover empties it. Make them again now and then.
             if time.monotonic() - self._ensured[key] >= ENSURE_SLOTS_EVERY:
                 self._ensure(key)
+                self._free_slots_of_dead_processes(key)
                 continue
             # Other processes hold every slot: poll, spread out so they do not all retry at once.
             self._interrupted.wait(self._poll * random.uniform(0.5, 1.5))
@@ -442,6 +444,22 @@ class MailboxSlots:
     def _ensure(self, key: str) -> None:
         self._run("ensure_request_slots", {"mailbox": key, "limit": self._limit})
         self._ensured[key] = time.monotonic()
+
+    def _free_slots_of_dead_processes(self, key: str) -> None:
+        """Give back slots held by processes of this host that no longer run (a
+        killed worker), instead of waiting out their lease. Holders name their
+        host and process id; other hosts' slots wait for their lease."""
+        with self._lock:
+            if self._conn is None or self._conn.closed:
+                return
+            rows = self._conn.execute(
+                query("request_slots_of_host"), {"mailbox": key, "prefix": f"{self._host}:"}
+            ).fetchall()
+        for row in rows:
+            pid = _holder_pid(row["holder"])
+            if pid is not None and pid != os.getpid() and not _process_alive(pid):
+                log.info("slot %d of %s was held by process %d, now gone", row["slot"], key, pid)
+                self._give_back(key, int(row["slot"]), row["holder"])
 
     def _give_back(self, key: str, slot: int, holder: str) -> None:
         try:
@@ -473,6 +491,22 @@ class MailboxSlots:
             f"No Graph request slot of mailbox {mailbox} came free within "
             f"{self._max_wait:g}s: other workers kept all {self._limit} busy."
         )
+
+
+def _holder_pid(holder: str) -> int | None:
+    """The process id in a slot holder (host:pid:random); None if it has none."""
+    parts = holder.rsplit(":", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 # -- the mail source ----------------------------------------------------------
@@ -809,8 +843,10 @@ class GraphMailSource:
                 "must include the mailbox."
             )
         else:
-            message = f"Graph rejected the request for mailbox {mailbox} ({what})."
-        return MailSourceError(message, permanent=True)
+            return MailSourceError(
+                f"Graph rejected the request for mailbox {mailbox} ({what}).", permanent=True
+            )
+        return MailSourceError(message, whole_mailbox=True)
 
     def _scrub(self, text: str) -> str:
         for secret in self.settings.secrets:

@@ -60,11 +60,16 @@ class Page:
 
 
 class MailSourceError(Exception):
-    """A mail request failed. permanent: retrying cannot help (mailbox gone, access refused)."""
+    """A mail request failed. permanent: retrying cannot help (mailbox gone, access
+    refused). whole_mailbox: the mailbox itself is gone or refused, so every
+    chunk of it would fail alike (implies permanent)."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
+    def __init__(
+        self, message: str, *, permanent: bool = False, whole_mailbox: bool = False
+    ) -> None:
         super().__init__(message)
-        self.permanent = permanent
+        self.permanent = permanent or whole_mailbox
+        self.whole_mailbox = whole_mailbox
 
 
 class NextLinkExpired(MailSourceError):

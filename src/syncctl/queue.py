@@ -122,6 +122,17 @@ def reap(
     return [ReapedChunk(**row) for row in rows]
 
 
+def fail_job(conn: Connection, job_id: UUID, reason: str) -> None:
+    """Fail every unfinished chunk of the job, and the job, with one reason: the
+    mailbox itself is gone or refused, so each chunk would fail alike."""
+    with conn.transaction():
+        conn.execute(query("lock_job"), {"job_id": job_id})
+        params = {"job_id": job_id, "reason": reason}
+        conn.execute(query("fail_unfinished_chunks"), params)
+        conn.execute(query("refresh_job"), params)
+        conn.execute(query("set_job_error"), params)
+
+
 def queue_has_work(conn: Connection) -> bool:
     """Whether any chunk anywhere is still pending or processing."""
     row = conn.execute(query("queue_has_work")).fetchone()

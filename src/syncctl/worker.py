@@ -39,7 +39,7 @@ from syncctl.durations import format_time
 from syncctl.errors import DatabaseUnavailable
 from syncctl.ingest import LeaseLost, write_page
 from syncctl.mailsource import MailSource, MailSourceError, Page, Window
-from syncctl.queue import Chunk, Outcome, finish_chunk, heartbeat, queue_has_work, reap
+from syncctl.queue import Chunk, Outcome, fail_job, finish_chunk, heartbeat, queue_has_work, reap
 from syncctl.queue import claim_chunk as claim_next_chunk
 
 log = logging.getLogger("syncctl.worker")
@@ -448,6 +448,10 @@ class Worker:
                     return
                 outcome: Outcome = "permanent" if exc.permanent else "error"
                 self._finish(conn, held, outcome, error=self._one_line(exc))
+                if exc.whole_mailbox:
+                    # Every other chunk would fail alike: fail the job now, once.
+                    fail_job(conn, chunk.parent_sync_job_id, self._one_line(exc))
+                    chunk_log.error("failed the whole job: %s", self._one_line(exc))
                 return
             except Exception as exc:
                 if _connection_lost(exc, conn):
