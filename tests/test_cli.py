@@ -831,3 +831,39 @@ def test_version_prints_the_version() -> None:
     result = CliRunner().invoke(cli.app, ["--version"])
     assert result.exit_code == 0
     assert result.stdout.startswith("syncctl ")
+
+
+# -- a database of another release --------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["status"], ["store", "list"], ["reap"], ["run", "--drain"]])
+def test_database_missing_a_migration_is_refused_until_migrated(
+    invoke: Invoke, conn: Connection, database_url: str, command: list[str]
+) -> None:
+    last = migration_files()[-1][0]
+    conn.execute("DELETE FROM schema_migrations WHERE name = %s", [last])
+
+    result = invoke(*command)
+
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip() == (
+        f"syncctl: The database at {DatabaseTarget(database_url, 'test').masked_url} lacks 1 "
+        "migration(s) this syncctl needs "
+        f"(first: {last}); run `syncctl db migrate`."
+    )
+    assert conn.execute("SELECT count(*) AS n FROM chunk_attempts").fetchone() == {"n": 0}
+
+
+@pytest.mark.parametrize("command", [["status"], ["create", "a@example.com"], ["run", "--drain"]])
+def test_database_migrated_by_a_newer_syncctl_is_refused(
+    invoke: Invoke, conn: Connection, command: list[str]
+) -> None:
+    jobs.add_store(conn, name="a", email="a@example.com")
+    conn.execute("INSERT INTO schema_migrations (name) VALUES ('0999_from_the_future.sql')")
+
+    result = invoke(*command)
+
+    assert result.exit_code == 3, result.output
+    assert "has migration 0999_from_the_future.sql, which this syncctl" in result.stderr
+    assert "a newer syncctl upgraded it" in result.stderr
+    assert conn.execute("SELECT count(*) AS n FROM sync_queue").fetchone() == {"n": 0}

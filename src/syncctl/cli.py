@@ -38,6 +38,7 @@ from syncctl.errors import (
     SyncctlError,
 )
 from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, MailSourceError, Page, Window
+from syncctl.migrate import check_schema
 from syncctl.migrate import migrate as apply_migrations
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,13 @@ def _target(database_url: str | None) -> DatabaseTarget:
 
 
 @contextmanager
-def _connect(database_url: str | None) -> Iterator[Connection]:
-    with connection(_target(database_url)) as conn:
+def _connect(database_url: str | None, *, check: bool = True) -> Iterator[Connection]:
+    """A connection to the database; with check, refused (exit 3) unless its schema
+    is exactly the one this syncctl ships."""
+    target = _target(database_url)
+    with connection(target) as conn:
+        if check:
+            check_schema(conn, target.masked_url)
         yield conn
 
 
@@ -307,7 +313,7 @@ def _confirm(question: str, *, flag_hint: str) -> bool:
 @db_app.command("migrate")
 def db_migrate(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
     """Create or upgrade syncctl's tables and functions (safe to run on every deploy)."""
-    with _connect(database_url) as conn:
+    with _connect(database_url, check=False) as conn:
         applied = apply_migrations(conn)
     if as_json:
         output.emit_json({"applied": applied})
@@ -444,6 +450,7 @@ def create(
         raise BadInput("--type is empty; leave it out for a manual sync.")
     target = _target(database_url)
     with connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
+        check_schema(conn, target.masked_url)
         created = jobs.create_job(
             conn,
             source,
@@ -553,6 +560,9 @@ def run(
     if worker_id is not None and not worker_id.strip():
         raise BadInput("--worker-id is empty; leave it out for one made of the host name and pid.")
     target = _target(database_url)
+    with connection(target) as conn:
+        # A worker of another release would break the rules this schema's functions keep.
+        check_schema(conn, target.masked_url)
     source = _mail_source(target)
     # Imported here: the worker loads only for `run`.
     from syncctl.worker import WorkerOptions, run_worker, tune_garbage_collector

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import psycopg
 
+from syncctl import __version__
 from syncctl.db import Connection, query, sql_dir
 from syncctl.errors import DatabaseUnavailable, SyncctlError
 
@@ -77,6 +78,27 @@ def applied_migrations(conn: Connection) -> list[AppliedMigration]:
         AppliedMigration(row["name"], row["applied_at"])
         for row in conn.execute(query("list_migrations"))
     ]
+
+
+def check_schema(conn: Connection, where: str) -> None:
+    """Refuse a database whose schema is not the one this syncctl was built for:
+    missing migrations (run `db migrate`), or migrations this syncctl does not
+    know (a newer release migrated it). DatabaseUnavailable (exit 3) naming it."""
+    applied = [m.name for m in applied_migrations(conn)]
+    shipped = [name for name, _ in migration_files()]
+    unknown = [name for name in applied if name not in set(shipped)]
+    if unknown:
+        raise DatabaseUnavailable(
+            f"The database at {where} has migration {unknown[-1]}, which this syncctl "
+            f"({__version__}) does not know: a newer syncctl upgraded it. Install that "
+            "release here before running against this database."
+        )
+    missing = [name for name in shipped if name not in set(applied)]
+    if missing:
+        raise DatabaseUnavailable(
+            f"The database at {where} lacks {len(missing)} migration(s) this syncctl needs "
+            f"(first: {missing[0]}); run `syncctl db migrate`."
+        )
 
 
 def pending_migrations(conn: Connection) -> list[str]:
