@@ -38,3 +38,22 @@ def bench(session: nox.Session) -> None:
     # The peers are installed here only: they are what syncctl is measured against.
     session.install(".", "procrastinate>=3.10,<4", "pgqueuer>=1.6,<2", "asyncpg>=0.29")
     session.run("python", "-m", "bench.run", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Chaos runs back to back: `nox -s soak -- --minutes 20 --seed 1` (seeds count up)."""
+    args = dict(zip(session.posargs[::2], session.posargs[1::2], strict=False))
+    unknown = set(args) - {"--minutes", "--seed"}
+    if unknown or len(session.posargs) % 2:
+        session.error("usage: nox -s soak -- [--minutes N] [--seed S]")
+    session.install(".[test]")
+    session.run(
+        "pytest",
+        "tests/chaos/test_chaos.py::test_soak",
+        "-s",
+        env={
+            "SYNCCTL_SOAK_MINUTES": args.get("--minutes", "20"),
+            "SYNCCTL_SOAK_SEED": args.get("--seed", "1"),
+        },
+    )

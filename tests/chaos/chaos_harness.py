@@ -1,0 +1,416 @@
+"""A seeded chaos run: mailboxes on the local Graph server, `syncctl run`
+worker processes behind a PostgreSQL proxy, and faults at random moments.
+
+Faults: workers SIGKILLed and replaced, database connections cut and
+blackholed mid-transaction, Graph answering 429 with Retry-After, 5xx and
+hanging, next links expiring, old mail deleted and new mail arriving while
+the jobs run. The run ends when every job has finished (or at its deadline),
+then checks what must hold whatever happened.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+from chaos_proxy import PgProxy
+from psycopg.rows import dict_row
+
+from helpers import unconfigured_env
+from syncctl.fakegraph import FakeGraphServer
+
+LEASE_SECONDS = 5
+# Workers reap every half lease; a sample that finds a chunk processing this
+# long past its lease is a chunk the reaping missed (sampling and a worker's
+# restart add to it, so a little over one reap interval is allowed).
+REAP_INTERVAL = LEASE_SECONDS / 2
+OVERDUE_ALLOWED = REAP_INTERVAL + 5.0
+
+
+@dataclass(frozen=True)
+class ChaosPlan:
+    seed: int
+    mailboxes: int = 4
+    smallest: int = 5_000
+    largest: int = 20_000
+    workers: int = 3
+    concurrency: int = 2
+    chunk_size: int = 2_000
+    latency: float = 0.1  # seconds the Graph server adds to each request
+    max_attempts: int = 25
+    kill_every: tuple[float, float] = (2.0, 5.0)  # seconds between SIGKILLs
+    deadline: float = 240.0  # seconds the jobs may take, faults and all
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    seconds: float = 0.0
+    kills: int = 0
+    restarts: int = 0
+    workers_started: int = 0
+    connections_cut: int = 0
+    blackholes: int = 0
+    links_expired: int = 0
+    deleted: int = 0
+    arrived: int = 0
+    throttled: int = 0
+    server_errors: int = 0
+    hung: int = 0
+    messages_checked: int = 0
+    most_overdue: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"chaos seed {self.seed}: {self.seconds:.0f}s, {self.workers_started} workers started, "
+            f"{self.kills} killed, {self.restarts} restarted after exiting, "
+            f"{self.connections_cut} database connections cut, "
+            f"{self.blackholes} blackholes, {self.links_expired} link expiries, "
+            f"{self.throttled} 429s, {self.server_errors} 5xx, {self.hung} hung requests, "
+            f"{self.deleted} messages deleted and {self.arrived} arrived mid-run, "
+            f"{self.messages_checked} messages checked, most overdue lease "
+            f"{self.most_overdue:.1f}s; {len(self.problems)} problem(s)"
+        )
+
+
+class _Workers:
+    def __init__(self, env: dict[str, str], plan: ChaosPlan, report: ChaosReport) -> None:
+        self.env = env
+        self.plan = plan
+        self.report = report
+        self.running: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Any] = []
+        self.crashes: list[str] = []
+        self.replaced: set[int] = set()
+
+    def start(self) -> None:
+        log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop_all()
+        self.logs.append(log)
+        self.running.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "syncctl",
+                    "run",
+                    "--lease",
+                    f"{LEASE_SECONDS}s",
+                    "--concurrency",
+                    str(self.plan.concurrency),
+                ],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        )
+        self.report.workers_started += 1
+
+    def kill_one(self, rng: random.Random) -> None:
+        alive = [w for w in self.running if w.poll() is None]
+        if not alive:
+            return
+        victim = rng.choice(alive)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        self.replaced.add(self.running.index(victim))
+        self.report.kills += 1
+
+    def restart_exited(self) -> None:
+        """Start a replacement for each worker that exited by itself, as systemd's
+        Restart=on-failure does: one that could not reach the database at its
+        start exits 3 (here: a connection cut or blackholed as it started)."""
+        for number, worker in enumerate(self.running):
+            if worker.poll() is None or number in self.replaced:
+                continue
+            self.replaced.add(number)
+            if worker.returncode == -signal.SIGKILL:
+                continue  # killed by the run, replaced when killed
+            self.report.restarts += 1
+            if worker.returncode != 3:
+                self.crashes.append(self._describe(number))
+            self.start()
+
+    def crashed(self) -> list[str]:
+        """Workers that exited by themselves (not killed) with a code a database
+        outage does not explain: their last log lines."""
+        return [
+            self._describe(number)
+            for number, worker in enumerate(self.running)
+            if worker.returncode not in (None, 0, 3, -signal.SIGKILL, -signal.SIGTERM)
+            and number not in self.replaced
+        ]
+
+    def _describe(self, number: int) -> str:
+        log = self.logs[number]
+        log.seek(0)
+        tail = log.read().decode("utf-8", "replace").strip().splitlines()[-5:]
+        return f"worker exited {self.running[number].returncode}: {' | '.join(tail)}"
+
+    def stop_all(self) -> None:
+        for worker in self.running:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+        for worker in self.running:
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        self.crashes += self.crashed()
+        for log in self.logs:
+            log.close()
+
+
+def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int) -> ChaosReport:
+    """One seeded run against the database at database_url (migrated, empty)."""
+    rng = random.Random(plan.seed)
+    report = ChaosReport(plan.seed)
+    sizes = {
+        f"chaos{n}@contoso.test": rng.randint(plan.smallest, plan.largest)
+        for n in range(plan.mailboxes)
+    }
+    dbname = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
+    observer = psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+    with (
+        FakeGraphServer(
+            sizes,
+            seed=plan.seed,
+            throttle_rate=0.03,
+            retry_after=0.3,
+            error_rate=0.03,
+            latency=plan.latency,
+        ) as server,
+        PgProxy(pg_host, pg_port) as proxy,
+        observer,
+    ):
+        direct = _env(database_url, server)
+        for email in sizes:
+            _syncctl(direct, "store", "add", "--name", email.partition("@")[0], "--email", email)
+            # A reaped attempt counts (a chunk that kills its worker must not loop
+            # for ever), and this run kills workers every few seconds: enough
+            # attempts that only a real failure can use them all.
+            _syncctl(
+                direct,
+                "create",
+                email,
+                "--chunk-size",
+                str(plan.chunk_size),
+                "--max-attempts",
+                str(plan.max_attempts),
+            )
+        ever = {email: set(server.message_ids(email)) for email in sizes}
+        # Mail that arrives after the job began, in a window a chunk may already
+        # have read: a full job need not store it (the next job, or an
+        # incremental round, does), but must not store it twice.
+        arrived: dict[str, set[str]] = {email: set() for email in sizes}
+
+        workers = _Workers(_env(proxy.url(str(dbname)), server), plan, report)
+        for _ in range(plan.workers):
+            workers.start()
+        started = time.monotonic()
+        faults = _fault_schedule(rng, plan)
+        next_kill = started + rng.uniform(*plan.kill_every)
+        try:
+            while time.monotonic() - started < plan.deadline:
+                now = time.monotonic()
+                if now >= next_kill:
+                    workers.kill_one(rng)
+                    workers.start()
+                    next_kill = now + rng.uniform(*plan.kill_every)
+                while faults and now - started >= faults[0][0]:
+                    _, fault = faults.pop(0)
+                    _inject(
+                        fault,
+                        rng,
+                        server=server,
+                        proxy=proxy,
+                        sizes=sizes,
+                        ever=ever,
+                        arrived=arrived,
+                        report=report,
+                    )
+                workers.restart_exited()
+                report.most_overdue = max(report.most_overdue, _most_overdue(observer))
+                if _all_finished(observer):
+                    break
+                time.sleep(0.25)
+        finally:
+            report.seconds = time.monotonic() - started
+            workers.stop_all()
+        report.connections_cut = proxy.connections_cut
+        report.blackholes = proxy.blackholes
+        report.problems += workers.crashes
+        _count_graph_faults(server, report)
+        _check(
+            observer,
+            server=server,
+            sizes=sizes,
+            ever=ever,
+            arrived=arrived,
+            plan=plan,
+            report=report,
+        )
+    return report
+
+
+def _env(database_url: str, server: FakeGraphServer) -> dict[str, str]:
+    return unconfigured_env(
+        SYNCCTL_DATABASE_URL=database_url,
+        SYNCCTL_GRAPH_URL=server.url,
+        SYNCCTL_GRAPH_TOKEN=server.token,
+    )
+
+
+def _syncctl(env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "syncctl", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"syncctl {' '.join(args)}: {result.stderr}")
+
+
+def _fault_schedule(rng: random.Random, plan: ChaosPlan) -> list[tuple[float, str]]:
+    """(seconds into the run, fault), in time order; the run may end before the last."""
+    faults = [
+        (rng.uniform(1, 4), "cut"),
+        (rng.uniform(2, 6), "retention"),
+        (rng.uniform(3, 8), "arrivals"),
+        (rng.uniform(4, 10), "expire_links"),
+        (rng.uniform(5, 12), "blackhole"),
+        (rng.uniform(6, 14), "hang"),
+        (rng.uniform(8, 16), "cut"),
+        (rng.uniform(10, 20), "retention"),
+    ]
+    return sorted(faults)
+
+
+def _inject(
+    fault: str,
+    rng: random.Random,
+    *,
+    server: FakeGraphServer,
+    proxy: PgProxy,
+    sizes: dict[str, int],
+    ever: dict[str, set[str]],
+    arrived: dict[str, set[str]],
+    report: ChaosReport,
+) -> None:
+    email = rng.choice(sorted(sizes))
+    if fault == "cut":
+        proxy.cut_all()
+    elif fault == "blackhole":
+        proxy.blackhole(rng.uniform(2.0, 4.0))
+    elif fault == "expire_links":
+        server.expire_links()
+        report.links_expired += 1
+    elif fault == "hang":
+        server.fail_next(hang=True, count=2)
+        report.hung += 2
+    elif fault == "retention":
+        report.deleted += len(server.delete_oldest(email, rng.randint(50, 200)))
+    elif fault == "arrivals":
+        # New mail inside the jobs' windows: at times among the old messages.
+        times = [
+            server.received_at(email, rng.randrange(sizes[email])) + timedelta(seconds=1)
+            for _ in range(rng.randint(20, 80))
+        ]
+        added = set(server.add_messages(email, times))
+        ever[email] |= added
+        arrived[email] |= added
+        report.arrived += len(times)
+
+
+def _most_overdue(conn: psycopg.Connection[dict[str, Any]]) -> float:
+    row = conn.execute(
+        "SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0)::float AS s"
+        "  FROM chunked_sync_jobs WHERE status = 'processing'"
+    ).fetchone()
+    return float(row["s"]) if row else 0.0
+
+
+def _all_finished(conn: psycopg.Connection[dict[str, Any]]) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FILTER (WHERE status IN ('pending', 'processing')) AS open FROM sync_queue"
+    ).fetchone()
+    return row is not None and row["open"] == 0
+
+
+def _count_graph_faults(server: FakeGraphServer, report: ChaosReport) -> None:
+    for request in server.requests:
+        if request.status == 429:
+            report.throttled += 1
+        elif request.status >= 500:
+            report.server_errors += 1
+
+
+def _check(
+    conn: psycopg.Connection[dict[str, Any]],
+    *,
+    server: FakeGraphServer,
+    sizes: dict[str, int],
+    ever: dict[str, set[str]],
+    arrived: dict[str, set[str]],
+    plan: ChaosPlan,
+    report: ChaosReport,
+) -> None:
+    problems = report.problems
+    if not _all_finished(conn):
+        problems.append(f"jobs still open after the {plan.deadline:.0f}s deadline")
+    for email in sizes:
+        rows = conn.execute(
+            "SELECT e.provider_message_id AS id FROM emails e JOIN stores s ON s.id = e.store_id"
+            " WHERE s.email = %s",
+            [email],
+        ).fetchall()
+        stored = [row["id"] for row in rows]
+        held = set(server.message_ids(email)) - arrived[email]
+        report.messages_checked += len(held)
+        if len(stored) != len(set(stored)):
+            problems.append(f"{email}: {len(stored) - len(set(stored))} messages stored twice")
+        if missing := held - set(stored):
+            problems.append(f"{email}: {len(missing)} messages in the mailbox never stored")
+        if strangers := set(stored) - ever[email]:
+            problems.append(f"{email}: {len(strangers)} stored messages the mailbox never had")
+    statuses = conn.execute(
+        "SELECT status, count(*) AS n FROM chunked_sync_jobs GROUP BY status"
+    ).fetchall()
+    if {row["status"] for row in statuses} != {"completed"}:
+        problems.append(f"chunks not all completed: {statuses}")
+        for row in conn.execute(
+            "SELECT chunk_index, status, attempts, last_error FROM chunked_sync_jobs"
+            " WHERE status <> 'completed'"
+        ).fetchall():
+            problems.append(f"chunk {row['chunk_index']} {row['status']}: {row['last_error']}")
+    jobs = conn.execute("SELECT status, count(*) AS n FROM sync_queue GROUP BY status").fetchall()
+    if {row["status"] for row in jobs} != {"completed"}:
+        problems.append(f"jobs not all rolled up completed: {jobs}")
+    unrecorded = conn.execute(
+        "SELECT count(*) AS n FROM chunked_sync_jobs c WHERE NOT EXISTS ("
+        "  SELECT 1 FROM chunk_attempts a WHERE a.chunk_id = c.id AND a.outcome = 'completed')"
+    ).fetchone()
+    if unrecorded and unrecorded["n"]:
+        problems.append(f"{unrecorded['n']} chunks have no completed attempt recorded")
+    running = conn.execute(
+        "SELECT count(*) AS n FROM chunk_attempts WHERE outcome = 'running'"
+    ).fetchone()
+    if running and running["n"]:
+        problems.append(f"{running['n']} attempts still recorded as running")
+    if report.most_overdue > OVERDUE_ALLOWED:
+        problems.append(
+            f"a chunk stayed processing {report.most_overdue:.1f}s past its lease "
+            f"(allowed: {OVERDUE_ALLOWED:.1f}s)"
+        )

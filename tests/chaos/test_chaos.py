@@ -1,0 +1,131 @@
+"""Chaos: seeded runs of real worker processes against real PostgreSQL (through
+a proxy that cuts and blackholes connections) and the local Graph server
+(throttling, errors, hangs, expiring links, mail deleted and arriving), with
+workers SIGKILLed and replaced as they go. The CI run is one short seed;
+`nox -s soak -- --minutes N --seed S` runs seeds back to back for N minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from chaos_harness import ChaosPlan, ChaosReport, run_chaos
+from psycopg.rows import dict_row
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from conftest import PgServer
+from helpers import unconfigured_env, wait_for
+from syncctl.fakegraph import FakeGraphServer
+
+SOAK_SEED = os.environ.get("SYNCCTL_SOAK_SEED")
+SOAK_MINUTES = os.environ.get("SYNCCTL_SOAK_MINUTES")
+
+
+@pytest.mark.slow
+def test_chaos_run_loses_and_repeats_nothing(database_url: str, pg_server: PgServer) -> None:
+    report = run_chaos(
+        ChaosPlan(seed=20261202, deadline=240),
+        database_url=database_url,
+        pg_host=pg_server.host,
+        pg_port=pg_server.port,
+    )
+    print(report.line())
+    assert report.problems == [], "\n".join(report.problems)
+    assert report.kills >= 3
+    assert report.connections_cut > 0
+    assert report.throttled > 0
+    assert report.server_errors > 0
+
+
+@pytest.mark.skipif(not SOAK_MINUTES, reason="a soak runs from `nox -s soak`")
+def test_soak(pg_server: PgServer, migrated_template: str) -> None:
+    """Seeds from SYNCCTL_SOAK_SEED on, one after another, each on a fresh
+    database, until SYNCCTL_SOAK_MINUTES have passed; every run must hold."""
+    seed = int(SOAK_SEED or "1")
+    until = time.monotonic() + 60 * float(SOAK_MINUTES or "0")
+    reports = []
+    while time.monotonic() < until:
+        name = f"syncctl_soak_{os.getpid()}_{seed}"
+        with DatabaseJanitor(
+            user=pg_server.user,
+            host=pg_server.host,
+            port=pg_server.port,
+            dbname=name,
+            template_dbname=migrated_template,
+        ):
+            report = run_chaos(
+                ChaosPlan(seed=seed, deadline=600),
+                database_url=pg_server.url(name),
+                pg_host=pg_server.host,
+                pg_port=pg_server.port,
+            )
+        print(report.line(), flush=True)
+        reports.append(report)
+        assert report.problems == [], report.line()
+        seed += 1
+    print(soak_summary(reports), flush=True)
+
+
+def soak_summary(reports: list[ChaosReport]) -> str:
+    def total(field: str) -> int:
+        return sum(int(getattr(r, field)) for r in reports)
+
+    return (
+        f"soak: {len(reports)} runs, {sum(r.seconds for r in reports) / 60:.1f} minutes, "
+        f"{total('kills')} workers killed, {total('connections_cut')} connections cut, "
+        f"{total('blackholes')} blackholes, {total('throttled')} 429s, "
+        f"{total('server_errors')} 5xx, {total('hung')} hung requests, "
+        f"{total('links_expired')} link expiries, {total('deleted')} deleted and "
+        f"{total('arrived')} arrived mid-run, {total('messages_checked')} messages checked, "
+        f"most overdue lease {max((r.most_overdue for r in reports), default=0):.1f}s, "
+        "0 problems"
+    )
+
+
+@pytest.mark.slow
+def test_sigterm_while_graph_throttles_exits_within_seconds_and_keeps_the_attempt(
+    database_url: str,
+) -> None:
+    email = "throttled@contoso.test"
+    with FakeGraphServer({email: 3000}, retry_after=5) as server:
+        env = unconfigured_env(
+            SYNCCTL_DATABASE_URL=database_url,
+            SYNCCTL_GRAPH_URL=server.url,
+            SYNCCTL_GRAPH_TOKEN=server.token,
+        )
+        for args in (["store", "add", "--name", "t", "--email", email], ["create", email]):
+            subprocess.run([sys.executable, "-m", "syncctl", *args], env=env, check=True)
+        server.throttle_rate = 1.0
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "syncctl", "run", "--lease", "30s"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(
+                lambda: sum(r.status == 429 for r in server.requests) >= 2,
+                what="the worker waiting out Retry-After",
+            )
+            sent = time.monotonic()
+            worker.send_signal(signal.SIGTERM)
+            code = worker.wait(30)
+            took = time.monotonic() - sent
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate()
+
+    assert code == 0
+    assert took < 10, f"exited {took:.1f}s after SIGTERM"
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        chunks = conn.execute("SELECT status, attempts FROM chunked_sync_jobs").fetchall()
+        outcomes = conn.execute("SELECT outcome FROM chunk_attempts").fetchall()
+    assert {(c["status"], c["attempts"]) for c in chunks} == {("pending", 0)}
+    assert {o["outcome"] for o in outcomes} <= {"released"}
