@@ -1,11 +1,15 @@
 """What a chunk reads, page by page, and where a retried chunk resumes.
 
 A chunk of a job syncctl created owns a time window and lists exactly it
-(`receivedDateTime ge start and lt end`), following the next links Graph
-gives. Its checkpoint holds the next link and the latest received time
-read, so a retried chunk resumes inside its window, from the link, or,
-once the link is refused, from that time: re-reading the few messages
-received at that very second is harmless, skipping one is not.
+(`receivedDateTime ge start and lt end`). It pages by received time, not by
+the next links Graph gives: those links count messages with `$skip`, so a
+message deleted from the window between two pages (retention, a user
+emptying a folder) shifts every later one down and the next page starts
+past a message no page reads. Each page after the first asks for the window
+from the latest received time read so far; the messages at that very second
+come again and are dropped by id. The checkpoint holds that time and those
+ids, so a retried chunk resumes inside its window exactly where it stopped,
+whatever became of Graph's links.
 
 A chunk of a job created before time windows (or by the original
 create_sync_chunks) reads from its offset ($skip) and stops after its
@@ -80,35 +84,64 @@ class ChunkReader(ABC):
 
 
 class WindowReader(ChunkReader):
-    """A time-window chunk: every message of [window_start, window_end)."""
+    """A time-window chunk: every message of [window_start, window_end), paged by
+    received time."""
 
     def __init__(self, chunk: Chunk) -> None:
         super().__init__(chunk)
-        reached = (chunk.checkpoint or {}).get("received_through")
+        checkpoint = chunk.checkpoint or {}
+        reached = checkpoint.get("received_through")
         self.received_through = datetime.fromisoformat(reached) if reached else None
+        # Ids read at received_through: the next page lists that second again.
+        self.seen_at_through: set[str] = set(checkpoint.get("seen_at_through") or [])
+        # Graph's link is not followed (see the module's docstring); a checkpoint
+        # of an older release that holds one resumes from its received time.
+        if "at_end" in checkpoint:
+            self.at_end = bool(checkpoint["at_end"])
+        self.next_link = None
+        self._skip_seen = False
 
     def next_request(self) -> PageRequest | None:
         if self.at_end:
             return None
         start = self.received_through or self.chunk.window_start
-        return PageRequest(
-            self.next_link, Window(start, self.chunk.window_end), skip=0, top=PAGE_SIZE
-        )
+        # More than a page of messages in one second: step over those read.
+        skip = len(self.seen_at_through) if self._skip_seen else 0
+        return PageRequest(None, Window(start, self.chunk.window_end), skip=skip, top=PAGE_SIZE)
 
     def advance(self, page: Page) -> list[Message]:
-        self.read += len(page.messages)
-        times = [m.received_at for m in page.messages if m.received_at is not None]
-        if times:
-            latest = max(times)
-            if self.received_through is None or latest > self.received_through:
-                self.received_through = latest
-        self.next_link = page.next_link
+        new = [
+            m
+            for m in page.messages
+            if not (
+                m.received_at is not None
+                and m.received_at == self.received_through
+                and m.provider_message_id in self.seen_at_through
+            )
+        ]
+        self._skip_seen = bool(page.messages) and not new and page.next_link is not None
+        self.read += len(new)
+        for message in new:
+            if message.received_at is None:
+                continue
+            if self.received_through is None or message.received_at > self.received_through:
+                self.received_through = message.received_at
+                self.seen_at_through = set()
+            if message.received_at == self.received_through:
+                self.seen_at_through.add(message.provider_message_id)
+        # Graph says whether the window holds more after this page; its link is not used.
         self.at_end = page.next_link is None
-        return page.messages
+        return new
 
     def checkpoint(self) -> dict[str, Any]:
         reached = self.received_through.isoformat() if self.received_through else None
-        return {**super().checkpoint(), "received_through": reached}
+        return {
+            "next_link": None,
+            "at_end": self.at_end,
+            "read": self.read,
+            "received_through": reached,
+            "seen_at_through": sorted(self.seen_at_through),
+        }
 
 
 class OffsetReader(ChunkReader):
