@@ -444,8 +444,9 @@ def create(
     as_json: AsJson = False,
 ) -> None:
     """Count a mailbox and create a sync job with its chunk plan."""
-    window_from = parse_date(received_from, option="--from") if received_from else None
-    window_to = parse_date(received_to, option="--to") if received_to else None
+    # An empty value ("--from $UNSET") is refused, not read as no --from (the whole mailbox).
+    window_from = None if received_from is None else parse_date(received_from, option="--from")
+    window_to = None if received_to is None else parse_date(received_to, option="--to")
     if not sync_type.strip():
         raise BadInput("--type is empty; leave it out for a manual sync.")
     target = _target(database_url)

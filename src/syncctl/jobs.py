@@ -15,6 +15,9 @@ from syncctl.errors import BadInput
 from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, Window
 from syncctl.planning import PlannedChunk, chunk_size_for, plan_chunks
 
+# The range of a PostgreSQL integer column.
+_PG_INTEGER_MIN, _PG_INTEGER_MAX = -(2**31), 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Store:
@@ -107,6 +110,14 @@ def create_job(
         raise BadInput(f"--chunk-size must be at least 1, not {chunk_size}.")
     if max_attempts < 1:
         raise BadInput(f"--max-attempts must be at least 1, not {max_attempts}.")
+    # Stored as PostgreSQL integers (chunk_size in the metadata, read back as one).
+    for option, value in (("--chunk-size", chunk_size), ("--max-attempts", max_attempts)):
+        if value is not None and value > _PG_INTEGER_MAX:
+            raise BadInput(f"{option} must be at most {_PG_INTEGER_MAX}, not {value}.")
+    if not _PG_INTEGER_MIN <= priority <= _PG_INTEGER_MAX:
+        raise BadInput(
+            f"--priority must be from {_PG_INTEGER_MIN} to {_PG_INTEGER_MAX}, not {priority}."
+        )
     if not 1 <= parallel <= MAILBOX_CONCURRENCY:
         raise BadInput(
             f"--parallel must be from 1 to {MAILBOX_CONCURRENCY} (Graph serves a mailbox "
