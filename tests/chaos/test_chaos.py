@@ -67,7 +67,7 @@ def test_soak(pg_server: PgServer, migrated_template: str) -> None:
             )
         print(report.line(), flush=True)
         reports.append(report)
-        assert report.problems == [], report.line()
+        assert report.problems == [], "\n".join([report.line(), *report.problems])
         seed += 1
     print(soak_summary(reports), flush=True)
 
