@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -55,6 +56,7 @@ class ChaosReport:
     seed: int
     seconds: float = 0.0
     kills: int = 0
+    database_crashes: int = 0
     restarts: int = 0
     workers_started: int = 0
     connections_cut: int = 0
@@ -73,6 +75,7 @@ class ChaosReport:
         return (
             f"chaos seed {self.seed}: {self.seconds:.0f}s, {self.workers_started} workers started, "
             f"{self.kills} killed, {self.restarts} restarted after exiting, "
+            f"{self.database_crashes} database crashes, "
             f"{self.connections_cut} database connections cut, "
             f"{self.blackholes} blackholes, {self.links_expired} link expiries, "
             f"{self.throttled} 429s, {self.server_errors} 5xx, {self.hung} hung requests, "
@@ -170,8 +173,17 @@ class _Workers:
             log.close()
 
 
-def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int) -> ChaosReport:
-    """One seeded run against the database at database_url (migrated, empty)."""
+def run_chaos(
+    plan: ChaosPlan,
+    *,
+    database_url: str,
+    pg_host: str,
+    pg_port: int,
+    crash_database: Callable[[], None] | None = None,
+) -> ChaosReport:
+    """One seeded run against the database at database_url (migrated, empty).
+    crash_database, when given, crashes PostgreSQL and starts it again (only
+    for a server the test owns); it is called once, mid-run."""
     rng = random.Random(plan.seed)
     report = ChaosReport(plan.seed)
     sizes = {
@@ -179,7 +191,7 @@ def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int)
         for n in range(plan.mailboxes)
     }
     dbname = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
-    observer = psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+    observer = _Observer(database_url)
     with (
         FakeGraphServer(
             sizes,
@@ -218,6 +230,8 @@ def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int)
             workers.start()
         started = time.monotonic()
         faults = _fault_schedule(rng, plan)
+        if crash_database is not None:
+            faults = sorted([*faults, (rng.uniform(5, 10), "crash")])
         next_kill = started + rng.uniform(*plan.kill_every)
         try:
             while time.monotonic() - started < plan.deadline:
@@ -228,6 +242,10 @@ def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int)
                     next_kill = now + rng.uniform(*plan.kill_every)
                 while faults and now - started >= faults[0][0]:
                     _, fault = faults.pop(0)
+                    if fault == "crash" and crash_database is not None:
+                        crash_database()
+                        report.database_crashes += 1
+                        continue
                     _inject(
                         fault,
                         rng,
@@ -260,6 +278,36 @@ def run_chaos(plan: ChaosPlan, *, database_url: str, pg_host: str, pg_port: int)
             report=report,
         )
     return report
+
+
+class _Observer:
+    """The run's own view of the database, connecting again after a crash."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: psycopg.Connection[dict[str, Any]] | None = None
+
+    def __enter__(self) -> _Observer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    def execute(self, sql: Any, params: Any = None) -> psycopg.Cursor[dict[str, Any]]:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if self.conn is None or self.conn.closed:
+                    self.conn = psycopg.connect(self.url, autocommit=True, row_factory=dict_row)
+                return self.conn.execute(sql, params)
+            except psycopg.OperationalError:
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 def _env(database_url: str, server: FakeGraphServer) -> dict[str, str]:
@@ -334,7 +382,7 @@ def _inject(
         report.arrived += len(times)
 
 
-def _most_overdue(conn: psycopg.Connection[dict[str, Any]]) -> float:
+def _most_overdue(conn: _Observer) -> float:
     row = conn.execute(
         "SELECT coalesce(max(extract(epoch FROM now() - lease_expires_at)), 0)::float AS s"
         "  FROM chunked_sync_jobs WHERE status = 'processing'"
@@ -342,7 +390,7 @@ def _most_overdue(conn: psycopg.Connection[dict[str, Any]]) -> float:
     return float(row["s"]) if row else 0.0
 
 
-def _all_finished(conn: psycopg.Connection[dict[str, Any]]) -> bool:
+def _all_finished(conn: _Observer) -> bool:
     row = conn.execute(
         "SELECT count(*) FILTER (WHERE status IN ('pending', 'processing')) AS open FROM sync_queue"
     ).fetchone()
@@ -358,7 +406,7 @@ def _count_graph_faults(server: FakeGraphServer, report: ChaosReport) -> None:
 
 
 def _check(
-    conn: psycopg.Connection[dict[str, Any]],
+    conn: _Observer,
     *,
     server: FakeGraphServer,
     sizes: dict[str, int],

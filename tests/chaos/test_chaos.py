@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -21,7 +22,10 @@ from pytest_postgresql.janitor import DatabaseJanitor
 
 from conftest import PgServer
 from helpers import unconfigured_env, wait_for
+from syncctl.config import DatabaseTarget
+from syncctl.db import connection
 from syncctl.fakegraph import FakeGraphServer
+from syncctl.migrate import migrate
 
 SOAK_SEED = os.environ.get("SYNCCTL_SOAK_SEED")
 SOAK_MINUTES = os.environ.get("SYNCCTL_SOAK_MINUTES")
@@ -129,3 +133,51 @@ def test_sigterm_while_graph_throttles_exits_within_seconds_and_keeps_the_attemp
         outcomes = conn.execute("SELECT outcome FROM chunk_attempts").fetchall()
     assert {(c["status"], c["attempts"]) for c in chunks} == {("pending", 0)}
     assert {o["outcome"] for o in outcomes} <= {"released"}
+
+
+@pytest.mark.slow
+def test_chaos_run_survives_a_database_crash(tmp_path: Path) -> None:
+    """The same chaos, against an embedded PostgreSQL this test owns, which is
+    also crashed mid-run (an immediate shutdown, as `pg_ctl stop -m immediate`:
+    no checkpoint, crash recovery at the next start) and started again.
+    Asynchronous commits of claims and finishes may be lost; nothing else may."""
+    import pgserver
+
+    (tmp_path / "pg").mkdir()
+    server = pgserver.get_server(tmp_path / "pg" / "data", cleanup_mode="stop")
+    try:
+        host = str(psycopg.conninfo.conninfo_to_dict(server.get_uri())["host"])
+        owned = PgServer(host, 5432, "postgres")
+        with psycopg.connect(owned.url("postgres"), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE chaos")
+        target = DatabaseTarget(owned.url("chaos"), "test")
+        with connection(target) as conn:
+            migrate(conn)
+
+        def crash() -> None:
+            pid = server.get_pid()
+            assert pid is not None
+            os.kill(pid, signal.SIGQUIT)  # the postmaster's immediate shutdown
+            wait_for(lambda: not _running(pid), what="PostgreSQL to stop")
+            server.ensure_postgres_running()
+
+        report = run_chaos(
+            ChaosPlan(seed=20261203, deadline=240),
+            database_url=owned.url("chaos"),
+            pg_host=owned.host,
+            pg_port=owned.port,
+            crash_database=crash,
+        )
+    finally:
+        server.cleanup()
+    print(report.line())
+    assert report.problems == [], "\n".join(report.problems)
+    assert report.database_crashes == 1
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
