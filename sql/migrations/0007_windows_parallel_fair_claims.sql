@@ -48,7 +48,9 @@ CREATE INDEX IF NOT EXISTS chunked_sync_jobs_unfinished_idx
 
 -- Recompute a job's derived state after any change to its chunks: how many
 -- of its chunks are in flight, when one may next be claimed, the watermark,
--- and the roll-up of its status. The caller holds the lock on the job.
+-- and the roll-up of its status: `completed` only when every chunk completed,
+-- else `failed` if one failed, else `cancelled` (a job cancelled, then retried
+-- for one chunk, is not complete). The caller holds the lock on the job.
 CREATE OR REPLACE FUNCTION syncctl_refresh_job(p_job_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -126,6 +128,9 @@ BEGIN
                    WHEN EXISTS (SELECT 1 FROM chunked_sync_jobs c
                                  WHERE c.parent_sync_job_id = q.id AND c.status = 'failed')
                        THEN 'failed'
+                   WHEN EXISTS (SELECT 1 FROM chunked_sync_jobs c
+                                 WHERE c.parent_sync_job_id = q.id AND c.status = 'cancelled')
+                       THEN 'cancelled'
                    ELSE 'completed' END,
                claimable_at = NULL,
                chunks_in_flight = 0,

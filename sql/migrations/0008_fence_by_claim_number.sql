@@ -234,27 +234,20 @@ CREATE OR REPLACE FUNCTION syncctl_finish_chunk(
 ) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_job_id uuid;
-    v_chunk chunked_sync_jobs;
+    v_claim_seq bigint;
 BEGIN
-    IF pg_current_xact_id_if_assigned() IS NULL THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    SELECT c.parent_sync_job_id INTO v_job_id FROM chunked_sync_jobs c WHERE c.id = p_chunk_id;
-    IF NOT FOUND THEN
-        RETURN NULL;
-    END IF;
-    PERFORM 1 FROM sync_queue q WHERE q.id = v_job_id FOR NO KEY UPDATE;
-    SELECT * INTO v_chunk FROM chunked_sync_jobs c
+    -- The claim these arguments name; syncctl_finish_claim then locks the job
+    -- and the chunk and checks the claim still holds it.
+    SELECT c.claim_seq INTO v_claim_seq FROM chunked_sync_jobs c
      WHERE c.id = p_chunk_id
        AND c.status = 'processing'
        AND CASE WHEN p_worker_id IS NULL THEN c.claimed_via IS DISTINCT FROM 'syncctl'
-                ELSE c.worker_id = p_worker_id AND c.attempts = p_attempt END
-       FOR NO KEY UPDATE;
+                ELSE c.worker_id = p_worker_id AND c.attempts = p_attempt END;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    RETURN syncctl_end_attempt(v_chunk, p_outcome, p_error, p_processing_time_ms, p_retry_base);
+    RETURN syncctl_finish_claim(p_chunk_id, v_claim_seq, p_outcome, p_error,
+                                p_processing_time_ms, p_retry_base);
 END $$;
 
 -- The original claim: a syncctl claim, marked as made through this function

@@ -27,7 +27,7 @@ SELECT id, status, created_at FROM sync_queue
 -- mark_own_job_insert --
 -- For the rest of this transaction, a job inserted is syncctl's own, which
 -- refuses a store's second active job rather than superseding the first
--- (see migration 0010).
+-- (see migration 0009).
 SELECT set_config('syncctl.creating_job', 'on', true);
 
 -- insert_job --

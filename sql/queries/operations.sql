@@ -49,9 +49,6 @@ UPDATE sync_queue
    SET status = 'pending', completed_at = NULL, last_error = NULL, updated_at = now()
  WHERE id = %(job_id)s AND status IN ('completed', 'failed', 'cancelled');
 
--- refresh_retried_job --
-SELECT syncctl_refresh_job(%(job_id)s);
-
 -- job_status --
 SELECT status FROM sync_queue WHERE id = %(job_id)s;
 

@@ -81,7 +81,7 @@ def retry_job(conn: Connection, job_id: UUID, *, chunk_index: int | None = None)
                 f"Another job of this store became active while job {job_id} was being "
                 "retried; run `syncctl status` and try again."
             ) from None
-        conn.execute(query("refresh_retried_job"), {"job_id": job_id})
+        conn.execute(query("refresh_job"), {"job_id": job_id})
         conn.execute(query("notify_chunks"), {"payload": str(job_id)})
         status = conn.execute(query("job_status"), {"job_id": job_id}).fetchone()
     assert status is not None

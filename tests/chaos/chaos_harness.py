@@ -25,7 +25,7 @@ import psycopg
 from chaos_proxy import PgProxy
 from psycopg.rows import dict_row
 
-from helpers import unconfigured_env
+from commandline import environment, syncctl
 from syncctl.fakegraph import FakeGraphServer
 
 LEASE_SECONDS = 5
@@ -204,20 +204,20 @@ def run_chaos(
         PgProxy(pg_host, pg_port) as proxy,
         observer,
     ):
-        direct = _env(database_url, server)
+        direct = environment(database_url, server)
         for email in sizes:
-            _syncctl(direct, "store", "add", "--name", email.partition("@")[0], "--email", email)
+            syncctl("store", "add", "--name", email.partition("@")[0], "--email", email, env=direct)
             # A reaped attempt counts (a chunk that kills its worker must not loop
             # for ever), and this run kills workers every few seconds: enough
             # attempts that only a real failure can use them all.
-            _syncctl(
-                direct,
+            syncctl(
                 "create",
                 email,
                 "--chunk-size",
                 str(plan.chunk_size),
                 "--max-attempts",
                 str(plan.max_attempts),
+                env=direct,
             )
         ever = {email: set(server.message_ids(email)) for email in sizes}
         # Mail that arrives after the job began, in a window a chunk may already
@@ -225,7 +225,7 @@ def run_chaos(
         # incremental round, does), but must not store it twice.
         arrived: dict[str, set[str]] = {email: set() for email in sizes}
 
-        workers = _Workers(_env(proxy.url(str(dbname)), server), plan, report)
+        workers = _Workers(environment(proxy.url(str(dbname)), server), plan, report)
         for _ in range(plan.workers):
             workers.start()
         started = time.monotonic()
@@ -308,27 +308,6 @@ class _Observer:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-
-
-def _env(database_url: str, server: FakeGraphServer) -> dict[str, str]:
-    return unconfigured_env(
-        SYNCCTL_DATABASE_URL=database_url,
-        SYNCCTL_GRAPH_URL=server.url,
-        SYNCCTL_GRAPH_TOKEN=server.token,
-    )
-
-
-def _syncctl(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "syncctl", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"syncctl {' '.join(args)}: {result.stderr}")
 
 
 def _fault_schedule(rng: random.Random, plan: ChaosPlan) -> list[tuple[float, str]]:

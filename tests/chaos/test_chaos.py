@@ -20,8 +20,9 @@ from chaos_harness import ChaosPlan, ChaosReport, run_chaos
 from psycopg.rows import dict_row
 from pytest_postgresql.janitor import DatabaseJanitor
 
+from commandline import environment, syncctl
 from conftest import PgServer
-from helpers import unconfigured_env, wait_for
+from helpers import wait_for
 from syncctl.config import DatabaseTarget
 from syncctl.db import connection
 from syncctl.fakegraph import FakeGraphServer
@@ -98,13 +99,9 @@ def test_sigterm_while_graph_throttles_exits_within_seconds_and_keeps_the_attemp
 ) -> None:
     email = "throttled@contoso.test"
     with FakeGraphServer({email: 3000}, retry_after=5) as server:
-        env = unconfigured_env(
-            SYNCCTL_DATABASE_URL=database_url,
-            SYNCCTL_GRAPH_URL=server.url,
-            SYNCCTL_GRAPH_TOKEN=server.token,
-        )
-        for args in (["store", "add", "--name", "t", "--email", email], ["create", email]):
-            subprocess.run([sys.executable, "-m", "syncctl", *args], env=env, check=True)
+        env = environment(database_url, server)
+        syncctl("store", "add", "--name", "t", "--email", email, env=env)
+        syncctl("create", email, env=env)
         server.throttle_rate = 1.0
         worker = subprocess.Popen(
             [sys.executable, "-m", "syncctl", "run", "--lease", "30s"],
