@@ -927,7 +927,8 @@ def _fault_answer(fault: _Fault) -> _Answer:
     if fault.retry_after is not None:
         headers["Retry-After"] = _seconds(fault.retry_after)
     if fault.body is not None:
-        return _Answer(fault.status, fault.body, headers=headers)
+        # The code, if given, is only for the record: tests find the fault in it.
+        return _Answer(fault.status, fault.body, headers=headers, error_code=fault.code)
     code = fault.code or _DEFAULT_CODES.get(fault.status, "UnknownError")
     return _error(fault.status, code, "Injected fault.", headers=headers)
 

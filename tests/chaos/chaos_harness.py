@@ -3,9 +3,10 @@ worker processes behind a PostgreSQL proxy, and faults at random moments.
 
 Faults: workers SIGKILLed and replaced, database connections cut and
 blackholed mid-transaction, Graph answering 429 with Retry-After, 5xx and
-hanging, next links expiring, old mail deleted and new mail arriving while
-the jobs run. The run ends when every job has finished (or at its deadline),
-then checks what must hold whatever happened.
+hanging, next links expiring, a token Graph rejects as expired, a malformed
+page, old mail deleted and new mail arriving while the jobs run. The run
+ends when every job has finished (or at its deadline), then checks what must
+hold whatever happened.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ LEASE_SECONDS = 5
 # restart add to it, so a little over one reap interval is allowed).
 REAP_INTERVAL = LEASE_SECONDS / 2
 OVERDUE_ALLOWED = REAP_INTERVAL + 5.0
+MALFORMED = "syncctl-chaos-malformed-page"  # marks the injected page in the server's record
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ChaosReport:
     throttled: int = 0
     server_errors: int = 0
     hung: int = 0
+    tokens_expired: int = 0  # served, as are the counts below
+    malformed_pages: int = 0
     messages_checked: int = 0
     most_overdue: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -79,6 +83,7 @@ class ChaosReport:
             f"{self.connections_cut} database connections cut, "
             f"{self.blackholes} blackholes, {self.links_expired} link expiries, "
             f"{self.throttled} 429s, {self.server_errors} 5xx, {self.hung} hung requests, "
+            f"{self.tokens_expired} tokens expired, {self.malformed_pages} malformed pages, "
             f"{self.deleted} messages deleted and {self.arrived} arrived mid-run, "
             f"{self.messages_checked} messages checked, most overdue lease "
             f"{self.most_overdue:.1f}s; {len(self.problems)} problem(s)"
@@ -321,6 +326,9 @@ def _fault_schedule(rng: random.Random, plan: ChaosPlan) -> list[tuple[float, st
         (rng.uniform(6, 14), "hang"),
         (rng.uniform(8, 16), "cut"),
         (rng.uniform(10, 20), "retention"),
+        (rng.uniform(3, 15), "token"),
+        (rng.uniform(12, 25), "token"),
+        (rng.uniform(4, 18), "malformed"),
     ]
     return sorted(faults)
 
@@ -347,6 +355,14 @@ def _inject(
     elif fault == "hang":
         server.fail_next(hang=True, count=2)
         report.hung += 2
+    elif fault == "token":
+        # Graph's answer to a token past its lifetime. The worker renews the
+        # token and sends the request again, which Graph then serves.
+        server.fail_next(401, code="InvalidAuthenticationToken", body=_TOKEN_EXPIRED)
+    elif fault == "malformed":
+        # A 200 whose body is cut short: nothing of it may be written, and the
+        # chunk's next attempt reads the page again.
+        server.fail_next(200, code=MALFORMED, body=b'{"value": [{"id": "AAMk-cut-sh')
     elif fault == "retention":
         report.deleted += len(server.delete_oldest(email, rng.randint(50, 200)))
     elif fault == "arrivals":
@@ -359,6 +375,12 @@ def _inject(
         ever[email] |= added
         arrived[email] |= added
         report.arrived += len(times)
+
+
+_TOKEN_EXPIRED = (
+    b'{"error": {"code": "InvalidAuthenticationToken", "message": "Lifetime validation'
+    b' failed, the token is expired."}}'
+)
 
 
 def _most_overdue(conn: _Observer) -> float:
@@ -382,6 +404,10 @@ def _count_graph_faults(server: FakeGraphServer, report: ChaosReport) -> None:
             report.throttled += 1
         elif request.status >= 500:
             report.server_errors += 1
+        elif request.status == 401 and request.authorized:
+            report.tokens_expired += 1
+        elif request.error_code == MALFORMED:
+            report.malformed_pages += 1
 
 
 def _check(
@@ -425,6 +451,16 @@ def _check(
     jobs = conn.execute("SELECT status, count(*) AS n FROM sync_queue GROUP BY status").fetchall()
     if {row["status"] for row in jobs} != {"completed"}:
         problems.append(f"jobs not all rolled up completed: {jobs}")
+    _check_attempts(conn, report)
+    if report.most_overdue > OVERDUE_ALLOWED:
+        problems.append(
+            f"a chunk stayed processing {report.most_overdue:.1f}s past its lease "
+            f"(allowed: {OVERDUE_ALLOWED:.1f}s)"
+        )
+
+
+def _check_attempts(conn: _Observer, report: ChaosReport) -> None:
+    problems = report.problems
     unrecorded = conn.execute(
         "SELECT count(*) AS n FROM chunked_sync_jobs c WHERE NOT EXISTS ("
         "  SELECT 1 FROM chunk_attempts a WHERE a.chunk_id = c.id AND a.outcome = 'completed')"
@@ -436,8 +472,14 @@ def _check(
     ).fetchone()
     if running and running["n"]:
         problems.append(f"{running['n']} attempts still recorded as running")
-    if report.most_overdue > OVERDUE_ALLOWED:
-        problems.append(
-            f"a chunk stayed processing {report.most_overdue:.1f}s past its lease "
-            f"(allowed: {OVERDUE_ALLOWED:.1f}s)"
-        )
+    refused = conn.execute(
+        "SELECT count(*) AS n FROM chunk_attempts WHERE error LIKE '%credentials were refused%'"
+    ).fetchone()
+    if refused and refused["n"]:
+        problems.append(f"{refused['n']} attempts lost to a token the worker should have renewed")
+    if report.malformed_pages:
+        malformed = conn.execute(
+            "SELECT count(*) AS n FROM chunk_attempts WHERE error LIKE '%not valid Graph JSON%'"
+        ).fetchone()
+        if not malformed or not malformed["n"]:
+            problems.append("a malformed page was served but no attempt recorded it as such")

@@ -1,8 +1,10 @@
 """Chaos: seeded runs of real worker processes against real PostgreSQL (through
 a proxy that cuts and blackholes connections) and the local Graph server
-(throttling, errors, hangs, expiring links, mail deleted and arriving), with
-workers SIGKILLed and replaced as they go. The CI run is one short seed;
-`nox -s soak -- --minutes N --seed S` runs seeds back to back for N minutes.
+(throttling, errors, hangs, expiring links and tokens, a malformed page, mail
+deleted and arriving), with workers SIGKILLed and replaced as they go. CI runs
+one seed on the shared server and one on an embedded PostgreSQL the test
+crashes mid-run; `nox -s soak -- --minutes N --seed S` runs seeds back to back
+for N minutes, each crashing the soak's own embedded PostgreSQL once.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from chaos_harness import ChaosPlan, ChaosReport, run_chaos
+from psycopg import sql
 from psycopg.rows import dict_row
-from pytest_postgresql.janitor import DatabaseJanitor
 
 from commandline import environment, syncctl
 from conftest import PgServer
@@ -46,34 +50,32 @@ def test_chaos_run_loses_and_repeats_nothing(database_url: str, pg_server: PgSer
     assert report.connections_cut > 0
     assert report.throttled > 0
     assert report.server_errors > 0
+    assert report.tokens_expired > 0
+    assert report.malformed_pages > 0
 
 
 @pytest.mark.skipif(not SOAK_MINUTES, reason="a soak runs from `nox -s soak`")
-def test_soak(pg_server: PgServer, migrated_template: str) -> None:
+def test_soak(tmp_path: Path) -> None:
     """Seeds from SYNCCTL_SOAK_SEED on, one after another, each on a fresh
-    database, until SYNCCTL_SOAK_MINUTES have passed; every run must hold."""
+    database of an embedded PostgreSQL the soak owns and crashes once in every
+    run, until SYNCCTL_SOAK_MINUTES have passed; every run must hold."""
     seed = int(SOAK_SEED or "1")
     until = time.monotonic() + 60 * float(SOAK_MINUTES or "0")
     reports = []
-    while time.monotonic() < until:
-        name = f"syncctl_soak_{os.getpid()}_{seed}"
-        with DatabaseJanitor(
-            user=pg_server.user,
-            host=pg_server.host,
-            port=pg_server.port,
-            dbname=name,
-            template_dbname=migrated_template,
-        ):
+    with owned_postgres(tmp_path) as (owned, crash):
+        while time.monotonic() < until:
+            url = _fresh_migrated_database(owned, f"soak_{seed}")
             report = run_chaos(
                 ChaosPlan(seed=seed, deadline=600),
-                database_url=pg_server.url(name),
-                pg_host=pg_server.host,
-                pg_port=pg_server.port,
+                database_url=url,
+                pg_host=owned.host,
+                pg_port=owned.port,
+                crash_database=crash,
             )
-        print(report.line(), flush=True)
-        reports.append(report)
-        assert report.problems == [], "\n".join([report.line(), *report.problems])
-        seed += 1
+            print(report.line(), flush=True)
+            reports.append(report)
+            assert report.problems == [], "\n".join([report.line(), *report.problems])
+            seed += 1
     print(soak_summary(reports), flush=True)
 
 
@@ -86,6 +88,8 @@ def soak_summary(reports: list[ChaosReport]) -> str:
         f"{total('kills')} workers killed, {total('connections_cut')} connections cut, "
         f"{total('blackholes')} blackholes, {total('throttled')} 429s, "
         f"{total('server_errors')} 5xx, {total('hung')} hung requests, "
+        f"{total('tokens_expired')} tokens expired, {total('malformed_pages')} malformed pages, "
+        f"{total('database_crashes')} database crashes, "
         f"{total('links_expired')} link expiries, {total('deleted')} deleted and "
         f"{total('arrived')} arrived mid-run, {total('messages_checked')} messages checked, "
         f"most overdue lease {max((r.most_overdue for r in reports), default=0):.1f}s, "
@@ -138,38 +142,48 @@ def test_chaos_run_survives_a_database_crash(tmp_path: Path) -> None:
     also crashed mid-run (an immediate shutdown, as `pg_ctl stop -m immediate`:
     no checkpoint, crash recovery at the next start) and started again.
     Asynchronous commits of claims and finishes may be lost; nothing else may."""
-    import pgserver
-
-    (tmp_path / "pg").mkdir()
-    server = pgserver.get_server(tmp_path / "pg" / "data", cleanup_mode="stop")
-    try:
-        host = str(psycopg.conninfo.conninfo_to_dict(server.get_uri())["host"])
-        owned = PgServer(host, 5432, "postgres")
-        with psycopg.connect(owned.url("postgres"), autocommit=True) as admin:
-            admin.execute("CREATE DATABASE chaos")
-        target = DatabaseTarget(owned.url("chaos"), "test")
-        with connection(target) as conn:
-            migrate(conn)
-
-        def crash() -> None:
-            pid = server.get_pid()
-            assert pid is not None
-            os.kill(pid, signal.SIGQUIT)  # the postmaster's immediate shutdown
-            wait_for(lambda: not _running(pid), what="PostgreSQL to stop")
-            server.ensure_postgres_running()
-
+    with owned_postgres(tmp_path) as (owned, crash):
         report = run_chaos(
             ChaosPlan(seed=20261203, deadline=240),
-            database_url=owned.url("chaos"),
+            database_url=_fresh_migrated_database(owned, "chaos"),
             pg_host=owned.host,
             pg_port=owned.port,
             crash_database=crash,
         )
-    finally:
-        server.cleanup()
     print(report.line())
     assert report.problems == [], "\n".join(report.problems)
     assert report.database_crashes == 1
+
+
+@contextmanager
+def owned_postgres(path: Path) -> Iterator[tuple[PgServer, Callable[[], None]]]:
+    """An embedded PostgreSQL in path, never the shared server, and a function
+    that crashes it (the postmaster's immediate shutdown) and starts it again."""
+    import pgserver
+
+    (path / "pg").mkdir()
+    server = pgserver.get_server(path / "pg" / "data", cleanup_mode="stop")
+
+    def crash() -> None:
+        pid = server.get_pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGQUIT)
+        wait_for(lambda: not _running(pid), what="PostgreSQL to stop")
+        server.ensure_postgres_running()
+
+    try:
+        host = str(psycopg.conninfo.conninfo_to_dict(server.get_uri())["host"])
+        yield PgServer(host, 5432, "postgres"), crash
+    finally:
+        server.cleanup()
+
+
+def _fresh_migrated_database(server: PgServer, name: str) -> str:
+    with psycopg.connect(server.url("postgres"), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with connection(DatabaseTarget(server.url(name), "test")) as conn:
+        migrate(conn)
+    return server.url(name)
 
 
 def _running(pid: int) -> bool:
