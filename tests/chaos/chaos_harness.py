@@ -69,6 +69,7 @@ class ChaosReport:
     throttled: int = 0
     server_errors: int = 0
     hung: int = 0
+    token_faults_queued: int = 0
     tokens_expired: int = 0  # served, as are the counts below
     malformed_pages: int = 0
     messages_checked: int = 0
@@ -357,8 +358,13 @@ def _inject(
         report.hung += 2
     elif fault == "token":
         # Graph's answer to a token past its lifetime. The worker renews the
-        # token and sends the request again, which Graph then serves.
-        server.fail_next(401, code="InvalidAuthenticationToken", body=_TOKEN_EXPIRED)
+        # token and sends the request again, which Graph then serves. Not while
+        # an earlier one waits to be served: both would answer one request
+        # (refused twice is a credential Graph will not take, a permanent fault).
+        served = sum(r.status == 401 and r.authorized for r in server.requests)
+        if report.token_faults_queued <= served:
+            server.fail_next(401, code="InvalidAuthenticationToken", body=_TOKEN_EXPIRED)
+            report.token_faults_queued += 1
     elif fault == "malformed":
         # A 200 whose body is cut short: nothing of it may be written, and the
         # chunk's next attempt reads the page again.
