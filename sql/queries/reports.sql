@@ -14,8 +14,8 @@ WITH shown AS (
     UNION
     SELECT id FROM sync_queue WHERE id = ANY(%(job_ids)s::uuid[])
 )
-SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.status, q.priority,
-       q.parallel, p.chunks_done, p.chunks_failed, p.chunks_processing, p.total_chunks,
+SELECT q.id AS job_id, s.name AS store_name, s.email AS store_email, q.sync_type, q.status,
+       q.priority, q.parallel, p.chunks_done, p.chunks_failed, p.chunks_processing, p.total_chunks,
        p.emails_synced, q.estimated_emails, q.synced_through, r.retried, p.stuck_chunks,
        q.created_at, q.started_at, q.completed_at, q.last_error, now() AS sampled_at
   FROM shown
@@ -62,12 +62,21 @@ SELECT q.id AS job_id, q.store_id, s.name AS store_name, s.email AS store_email,
 
 -- report_job_chunks --
 -- Every chunk of a job, in order.
-SELECT id AS chunk_id, chunk_index, total_chunks, status, window_start, window_end,
-       start_offset, end_offset, estimated_emails, emails_synced, attempts, max_attempts, worker_id, started_at,
-       completed_at, lease_expires_at, not_before, processing_time_ms, last_error
-  FROM chunked_sync_jobs
- WHERE parent_sync_job_id = %(job_id)s
- ORDER BY chunk_index;
+-- An incremental chunk also names its folder, its round (full or delta, and
+-- why a full one), and when the folder's last round completed.
+SELECT c.id AS chunk_id, c.chunk_index, c.total_chunks, c.status, c.window_start, c.window_end,
+       c.folder_id, c.folder_name,
+       CASE WHEN c.folder_id IS NULL THEN NULL
+            WHEN (c.checkpoint ->> 'full')::boolean THEN 'full'
+            WHEN c.checkpoint IS NOT NULL THEN 'delta' END AS round,
+       c.checkpoint ->> 'full_reason' AS full_round_reason, f.last_round_at,
+       c.start_offset, c.end_offset, c.estimated_emails, c.emails_synced, c.attempts,
+       c.max_attempts, c.worker_id, c.started_at, c.completed_at, c.lease_expires_at,
+       c.not_before, c.processing_time_ms, c.last_error
+  FROM chunked_sync_jobs c
+  LEFT JOIN folder_sync_state f ON f.store_id = c.store_id AND f.folder_id = c.folder_id
+ WHERE c.parent_sync_job_id = %(job_id)s
+ ORDER BY c.chunk_index;
 
 -- report_job_attempts --
 -- Every attempt of every chunk of a job: who ran it, when, and how it ended.
@@ -114,6 +123,29 @@ SELECT s.id AS store_id, s.name, s.email,
  GROUP BY s.id, s.name, s.email
 HAVING count(CASE WHEN csj.status = 'failed' THEN 1 END) > 0
  ORDER BY failed_chunks DESC, s.email;
+
+-- report_store_currency --
+-- Per store kept current by incremental jobs: its folders, and when the
+-- oldest and newest of their last rounds completed (a folder never round
+-- yet counts as oldest). behind: how long ago the oldest was.
+SELECT s.id AS store_id, s.name, s.email, count(*) AS folders,
+       count(*) FILTER (WHERE f.last_round_at IS NULL) AS folders_never_synced,
+       min(f.last_round_at) AS oldest_round_at, max(f.last_round_at) AS newest_round_at,
+       now() - min(f.last_round_at) AS behind
+  FROM folder_sync_state f
+  JOIN stores s ON s.id = f.store_id
+ GROUP BY s.id, s.name, s.email
+ ORDER BY min(f.last_round_at) NULLS FIRST, s.email;
+
+-- report_stale_stores --
+-- Stores kept current whose oldest folder round completed before now - stale_after.
+SELECT s.id AS store_id, s.name, s.email, min(f.last_round_at) AS oldest_round_at,
+       now() - min(f.last_round_at) AS behind
+  FROM folder_sync_state f
+  JOIN stores s ON s.id = f.store_id
+ GROUP BY s.id, s.name, s.email
+HAVING min(f.last_round_at) < now() - %(stale_after)s
+ ORDER BY min(f.last_round_at), s.email;
 
 -- report_database --
 -- Which database this is, for `syncctl db status`.

@@ -37,7 +37,25 @@ from syncctl.errors import (
     MailSourceUnavailable,
     SyncctlError,
 )
-from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, MailSourceError, Page, Window
+from syncctl.incremental import (
+    INCREMENTAL,
+    CreatedIncrementalJob,
+    Enqueued,
+    create_incremental_job,
+    due_stores,
+    enqueue_due,
+)
+from syncctl.jobs import CreatedJob
+from syncctl.mailsource import (
+    MAILBOX_CONCURRENCY,
+    DeltaPage,
+    DeltaSource,
+    Folder,
+    MailSource,
+    MailSourceError,
+    Page,
+    Window,
+)
 from syncctl.migrate import check_schema
 from syncctl.migrate import migrate as apply_migrations
 
@@ -286,6 +304,21 @@ class _MailSourceOnDemand:
     ) -> Page:
         return self._opened().fetch_page(mailbox, window, skip=skip, top=top, next_link=next_link)
 
+    def _delta(self) -> DeltaSource:
+        source = self._opened()
+        if not isinstance(source, DeltaSource):
+            raise BadInput("This mail source has no folders or delta queries.")
+        return source
+
+    def folders(self, mailbox: str) -> list[Folder]:
+        return self._delta().folders(mailbox)
+
+    def folder_total(self, mailbox: str, folder_id: str) -> int:
+        return self._delta().folder_total(mailbox, folder_id)
+
+    def delta_page(self, mailbox: str, folder_id: str, link: str | None) -> DeltaPage:
+        return self._delta().delta_page(mailbox, folder_id, link)
+
 
 def _job_id(text: str) -> UUID:
     try:
@@ -412,7 +445,23 @@ def store_list(database_url: DatabaseUrl = None, as_json: AsJson = False) -> Non
 @app.command()
 def create(
     *,
-    store: Annotated[str, typer.Argument(help="The store's id or email.")],
+    store: Annotated[
+        str | None,
+        typer.Argument(help="The store's id or email (or --all).", show_default=False),
+    ] = None,
+    every_store: Annotated[
+        bool,
+        typer.Option("--all", help="A job for every idle store that is due (for cron)."),
+    ] = False,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            help="With --all: only stores with no job of this type completed within this "
+            "long (e.g. 15m).",
+            show_default=False,
+        ),
+    ] = None,
     received_from: Annotated[
         str | None,
         typer.Option("--from", help="Sync mail received from this date (ISO 8601; naive is UTC)."),
@@ -432,7 +481,14 @@ def create(
             help="Chunks of this job that may run at once, 1 to 4 (1: one after another).",
         ),
     ] = MAILBOX_CONCURRENCY,
-    sync_type: Annotated[str, typer.Option("--type", help="The job's sync type.")] = "manual",
+    sync_type: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="incremental: a delta round per mail folder (keeps a synced store current); "
+            "any other word labels a full job.",
+        ),
+    ] = "manual",
     priority: Annotated[int, typer.Option("--priority", help="Higher runs first across jobs.")] = 1,
     max_attempts: Annotated[
         int, typer.Option("--max-attempts", help="Tries per chunk before it fails.")
@@ -443,28 +499,184 @@ def create(
     database_url: DatabaseUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Count a mailbox and create a sync job with its chunk plan."""
+    """Count a mailbox and create a sync job with its chunk plan; or, with --type
+    incremental, a job of one delta round per mail folder."""
     # An empty value ("--from $UNSET") is refused, not read as no --from (the whole mailbox).
     window_from = None if received_from is None else parse_date(received_from, option="--from")
     window_to = None if received_to is None else parse_date(received_to, option="--to")
-    if not sync_type.strip():
+    sync_type = sync_type.strip()
+    if not sync_type:
         raise BadInput("--type is empty; leave it out for a manual sync.")
+    incremental = sync_type == INCREMENTAL
+    if incremental:
+        for option, given in (
+            ("--from", received_from),
+            ("--to", received_to),
+            ("--chunk-size", chunk_size),
+        ):
+            if given is not None:
+                raise BadInput(
+                    f"{option} is for full jobs; an incremental job reads what changed in "
+                    "each folder. Leave it out, or drop --type incremental."
+                )
+    if every_store == (store is not None):
+        raise BadInput("Name one store, or pass --all (not both).")
+    if older_than is not None and not every_store:
+        raise BadInput("--older-than goes with --all; leave it out when naming a store.")
+    due_within = parse_duration(older_than, option="--older-than") if older_than else None
+    options: dict[str, Any] = {
+        "priority": priority,
+        "max_attempts": max_attempts,
+        "parallel": parallel,
+        "force": force,
+    }
     target = _target(database_url)
     with connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
         check_schema(conn, target.masked_url)
-        created = jobs.create_job(
+        if every_store:
+            enqueued = _create_for_due_stores(
+                conn,
+                source,
+                sync_type=sync_type,
+                older_than=due_within or timedelta(0),
+                window=(window_from, window_to, chunk_size),
+                options=options,
+            )
+        elif incremental:
+            assert store is not None
+            created_incremental = create_incremental_job(conn, source, store_ref=store, **options)
+        else:
+            assert store is not None
+            created = jobs.create_job(
+                conn,
+                source,
+                store_ref=store,
+                received_from=window_from,
+                received_to=window_to,
+                chunk_size=chunk_size,
+                sync_type=sync_type,
+                **options,
+            )
+    if every_store:
+        _show_enqueued(enqueued, sync_type=sync_type, older_than=older_than, as_json=as_json)
+    elif incremental:
+        _show_incremental_job(created_incremental, as_json=as_json)
+    else:
+        _show_full_job(created, as_json=as_json)
+
+
+def _create_for_due_stores(
+    conn: Connection,
+    source: _MailSourceOnDemand,
+    *,
+    sync_type: str,
+    older_than: timedelta,
+    window: tuple[datetime | None, datetime | None, int | None],
+    options: dict[str, Any],
+) -> list[Enqueued]:
+    received_from, received_to, chunk_size = window
+
+    def create_one(store_id: str) -> tuple[UUID, int]:
+        if sync_type == INCREMENTAL:
+            made = create_incremental_job(conn, source, store_ref=store_id, **options)
+            return made.job_id, len(made.chunks)
+        full = jobs.create_job(
             conn,
             source,
-            store_ref=store,
-            received_from=window_from,
-            received_to=window_to,
+            store_ref=store_id,
+            received_from=received_from,
+            received_to=received_to,
             chunk_size=chunk_size,
-            sync_type=sync_type.strip(),
-            priority=priority,
-            max_attempts=max_attempts,
-            parallel=parallel,
-            force=force,
+            sync_type=sync_type,
+            **options,
         )
+        return full.job_id, len(full.chunks)
+
+    stores = due_stores(conn, sync_type=sync_type, older_than=older_than)
+    return enqueue_due(conn, stores, create_one)
+
+
+def _show_enqueued(
+    enqueued: list[Enqueued], *, sync_type: str, older_than: str | None, as_json: bool
+) -> None:
+    failed = [e for e in enqueued if e.error]
+    if as_json:
+        output.emit_json(
+            {
+                "sync_type": sync_type,
+                "older_than": older_than,
+                "enqueued": [
+                    {"store": e.store, "job_id": e.job_id, "chunks": e.chunks}
+                    for e in enqueued
+                    if e.job_id
+                ],
+                "failed": [{"store": e.store, "error": e.error} for e in failed],
+            }
+        )
+    elif not enqueued:
+        due = f" (each has a job running or a {sync_type} job completed within {older_than})"
+        output.message(f"No store is due{due if older_than else ''}; nothing enqueued.")
+    else:
+        output.table(
+            [
+                {
+                    "store": e.store.email,
+                    "job": e.job_id or "-",
+                    "chunks": e.chunks if e.job_id else "-",
+                    "problem": e.error or "",
+                }
+                for e in enqueued
+            ],
+            {"store": "store", "job": "job", "chunks": "chunks", "problem": "problem"},
+        )
+        output.message(
+            f"Enqueued {len(enqueued) - len(failed)} {sync_type} job(s)"
+            + (f"; {len(failed)} store(s) could not be enqueued." if failed else ".")
+        )
+    if failed:
+        raise typer.Exit(1)
+
+
+def _show_incremental_job(created: CreatedIncrementalJob, *, as_json: bool) -> None:
+    if created.cancelled_job_id:
+        output.message(f"Cancelled job {created.cancelled_job_id}, replaced by this one.")
+    if as_json:
+        output.emit_json(
+            {
+                "job_id": created.job_id,
+                "type": INCREMENTAL,
+                "store": created.store,
+                "parallel": created.parallel,
+                "chunks": created.chunks,
+                "folders_gone": created.folders_gone,
+                "rows_marked_deleted": created.rows_marked_deleted,
+                "cancelled_job_id": created.cancelled_job_id,
+            }
+        )
+        return
+    full = sum(c.round == "full" for c in created.chunks)
+    output.details(
+        {
+            "job": created.job_id,
+            "type": INCREMENTAL,
+            "store": f"{created.store.email} ({created.store.id})",
+            "folders": len(created.chunks),
+            "full rounds": f"{full} (folders with no delta state yet)" if full else 0,
+            "at once": created.parallel,
+        }
+    )
+    if created.folders_gone or created.rows_marked_deleted:
+        output.message(
+            f"{created.folders_gone} folder(s) are gone from the mailbox; "
+            f"{created.rows_marked_deleted} of their messages were marked deleted."
+        )
+    output.table(
+        [vars(chunk) for chunk in created.chunks],
+        {"chunk_index": "chunk", "folder": "folder", "messages": "messages", "round": "round"},
+    )
+
+
+def _show_full_job(created: CreatedJob, *, as_json: bool) -> None:
     if created.cancelled_job_id:
         output.message(f"Cancelled job {created.cancelled_job_id}, replaced by this one.")
     if as_json:
@@ -645,38 +857,65 @@ def status(
         if watch:
             progress.watch(conn, job_id=job_id, interval=_WATCH_INTERVAL)
         elif job_id is None:
-            _show_jobs(reports.jobs(conn, recent=_RECENT_JOBS), as_json=as_json)
+            _show_jobs(
+                reports.jobs(conn, recent=_RECENT_JOBS),
+                reports.store_currency(conn),
+                as_json=as_json,
+            )
         else:
             _show_job(reports.job_report(conn, job_id), as_json=as_json)
 
 
-def _show_jobs(rows: list[dict[str, Any]], *, as_json: bool) -> None:
+def _show_jobs(
+    rows: list[dict[str, Any]], currency: list[dict[str, Any]], *, as_json: bool
+) -> None:
     if as_json:
-        output.emit_json({"jobs": rows})
+        output.emit_json({"jobs": rows, "stores_kept_current": currency})
         return
     if not rows:
         output.message("No jobs yet; create one with `syncctl create`.")
-        return
-    output.table(
-        [
+    else:
+        output.table(
+            [
+                {
+                    **row,
+                    "chunks": f"{row['chunks_done']}/{row['total_chunks']}",
+                    "messages": f"{row['emails_synced']}/{row['estimated_emails'] or 0}",
+                }
+                for row in rows
+            ],
             {
-                **row,
-                "chunks": f"{row['chunks_done']}/{row['total_chunks']}",
-                "messages": f"{row['emails_synced']}/{row['estimated_emails'] or 0}",
-            }
-            for row in rows
-        ],
-        {
-            "job_id": "job",
-            "store_email": "store",
-            "status": "status",
-            "chunks": "chunks done",
-            "chunks_failed": "failed",
-            "messages": "messages",
-            "synced_through": "synced through",
-            "created_at": "created",
-        },
-    )
+                "job_id": "job",
+                "store_email": "store",
+                "sync_type": "type",
+                "status": "status",
+                "chunks": "chunks done",
+                "chunks_failed": "failed",
+                "messages": "messages",
+                "synced_through": "synced through",
+                "created_at": "created",
+            },
+        )
+    if currency:
+        typer.echo()
+        output.table(
+            [
+                {
+                    **store,
+                    "behind": format_duration(store["behind"]) if store["behind"] else "",
+                }
+                for store in currency
+            ],
+            {
+                "email": "store",
+                "folders": "folders",
+                "folders_never_synced": "never synced",
+                "oldest_round_at": "oldest folder round",
+                "behind": "behind",
+                "newest_round_at": "newest folder round",
+            },
+            title="Stores kept current (incremental rounds)",
+        )
 
 
 def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
@@ -685,13 +924,16 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
         return
     output.details(report.job)
     typer.echo()
-    # Jobs created before time windows have offset chunks.
+    # Incremental jobs have a chunk per folder; jobs created before time
+    # windows have offset chunks.
+    by_folder = any(chunk["folder_id"] for chunk in report.chunks)
     by_window = any(chunk["window_end"] for chunk in report.chunks)
-    where = (
-        {"received_from": "received from", "received_to": "received before"}
-        if by_window
-        else {"start_offset": "from offset", "end_offset": "to offset"}
-    )
+    if by_folder:
+        where = {"folder_name": "folder", "round": "round", "last_round_at": "folder's last round"}
+    elif by_window:
+        where = {"received_from": "received from", "received_to": "received before"}
+    else:
+        where = {"start_offset": "from offset", "end_offset": "to offset"}
     output.table(
         [
             {
@@ -712,6 +954,12 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
         },
         title="Chunks",
     )
+    for chunk in report.chunks:
+        if chunk["full_round_reason"]:
+            output.message(
+                f"Chunk {chunk['chunk_index']} ({chunk['folder_name']}) ran a full round: "
+                f"{chunk['full_round_reason']}"
+            )
     attempts = [attempt for chunk in report.chunks for attempt in chunk["history"]]
     if attempts:
         typer.echo()
@@ -922,33 +1170,47 @@ def success_rate(
 @app.command("problem-stores")
 def problem_stores(
     since: Since = "24h",
-    check: Annotated[
-        bool, typer.Option("--check", help="Exit 1 when a store has failed chunks.")
-    ] = False,
+    stale_after: Annotated[
+        str | None,
+        typer.Option(
+            "--stale-after",
+            help="Also flag stores kept current whose oldest folder round is older than "
+            "this (e.g. 1h).",
+            show_default=False,
+        ),
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Exit 1 when a store is flagged.")] = False,
     database_url: DatabaseUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """List stores with failed chunks, worst first."""
+    """List stores with failed chunks, worst first, and (--stale-after) stores
+    whose incremental rounds have fallen behind."""
     period = parse_duration(since, option="--since")
+    stale = parse_duration(stale_after, option="--stale-after") if stale_after else None
     with _connect(database_url) as conn:
-        stores = reports.problem_stores(conn, since=period)
+        stores = reports.problem_stores(conn, since=period, stale_after=stale)
     if as_json:
-        output.emit_json({"since": since, "stores": stores})
+        output.emit_json({"since": since, "stale_after": stale_after, "stores": stores})
     elif stores:
         output.table(
-            stores,
+            [
+                {**store, "behind": format_duration(store["behind"]) if store["behind"] else ""}
+                for store in stores
+            ],
             {
                 "name": "store",
                 "email": "email",
                 "failed_chunks": "failed",
                 "total_chunks": "chunks",
+                "behind": "behind",
                 "last_error": "last error",
             },
         )
     else:
-        output.message(f"No store has a failed chunk created in the last {since}.")
+        stale_text = f", and none is over {stale_after} behind" if stale_after else ""
+        output.message(f"No store has a failed chunk created in the last {since}{stale_text}.")
     if check and stores:
-        raise CheckFailed(f"{len(stores)} store(s) have failed chunks.")
+        raise CheckFailed(f"{len(stores)} store(s) have failed chunks or are behind.")
 
 
 @app.command()

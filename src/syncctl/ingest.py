@@ -72,14 +72,14 @@ def _store(conn: Connection, chunk: Chunk, messages: list[Message]) -> None:
             {
                 "store_id": chunk.store_id,
                 "sync_job_id": chunk.parent_sync_job_id,
-                "page": _page_json(messages),
+                "page": page_json(messages),
             },
         )
 
 
 # The types of copy_emails's columns, in its order: a binary COPY is typed by the client.
 _COPY_TYPES = ["uuid", "uuid", *["text"] * 6, *["jsonb"] * 3, *["timestamptz"] * 2]
-_COPY_TYPES += [*["boolean"] * 3, *["text"] * 4]
+_COPY_TYPES += [*["boolean"] * 3, *["text"] * 6]
 
 
 def _copy(conn: Connection, chunk: Chunk, messages: list[Message], *, clean: bool) -> None:
@@ -110,6 +110,8 @@ def _copy(conn: Connection, chunk: Chunk, messages: list[Message], *, clean: boo
                     text(m.flag_status),
                     text(m.body_content_type),
                     text(m.body),
+                    text(m.folder_id),
+                    text(m.change_key),
                 )
             )
 
@@ -125,7 +127,7 @@ def _aware(moment: datetime | None) -> datetime | None:
     return moment
 
 
-def _page_json(messages: list[Message]) -> str:
+def page_json(messages: list[Message]) -> str:
     """The page as one JSON array of rows, each message once, cleaned as
     clean_text cleans: no NUL, each lone surrogate made U+FFFD."""
     # One statement cannot upsert a row twice: the last copy of a message wins.

@@ -108,21 +108,10 @@ def create_job(
     refused, unless force, which cancels that job first."""
     if chunk_size is not None and chunk_size < 1:
         raise BadInput(f"--chunk-size must be at least 1, not {chunk_size}.")
-    if max_attempts < 1:
-        raise BadInput(f"--max-attempts must be at least 1, not {max_attempts}.")
-    # Stored as PostgreSQL integers (chunk_size in the metadata, read back as one).
-    for option, value in (("--chunk-size", chunk_size), ("--max-attempts", max_attempts)):
-        if value is not None and value > _PG_INTEGER_MAX:
-            raise BadInput(f"{option} must be at most {_PG_INTEGER_MAX}, not {value}.")
-    if not _PG_INTEGER_MIN <= priority <= _PG_INTEGER_MAX:
-        raise BadInput(
-            f"--priority must be from {_PG_INTEGER_MIN} to {_PG_INTEGER_MAX}, not {priority}."
-        )
-    if not 1 <= parallel <= MAILBOX_CONCURRENCY:
-        raise BadInput(
-            f"--parallel must be from 1 to {MAILBOX_CONCURRENCY} (Graph serves a mailbox "
-            f"{MAILBOX_CONCURRENCY} requests at a time), not {parallel}."
-        )
+    # Stored as a PostgreSQL integer (in the metadata, read back as one).
+    if chunk_size is not None and chunk_size > _PG_INTEGER_MAX:
+        raise BadInput(f"--chunk-size must be at most {_PG_INTEGER_MAX}, not {chunk_size}.")
+    check_job_options(max_attempts=max_attempts, priority=priority, parallel=parallel)
     # The window is frozen now: mail arriving later belongs to the next job.
     received_to = received_to or datetime.now(UTC)
     if received_from is not None and received_from >= received_to:
@@ -131,7 +120,7 @@ def create_job(
             f"({received_to.isoformat()}); swap them."
         )
     store = find_store(conn, store_ref)
-    _refuse_active_job(conn, store, force=force)
+    refuse_active_job(conn, store, force=force)
     window = Window(received_from, received_to)
     estimated = source.count(store.email, window)
     size = chunk_size or chunk_size_for(estimated, parallel)
@@ -144,7 +133,7 @@ def create_job(
         active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
         cancelled = None
         if active is not None:
-            _refuse_active_job(conn, store, force=force)
+            refuse_active_job(conn, store, force=force)
             cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
             cancelled = active["id"]
         conn.execute(query("mark_own_job_insert"))
@@ -198,7 +187,24 @@ def create_job(
     )
 
 
-def _refuse_active_job(conn: Connection, store: Store, *, force: bool) -> None:
+def check_job_options(*, max_attempts: int, priority: int, parallel: int) -> None:
+    """BadInput for options any job refuses."""
+    if max_attempts < 1:
+        raise BadInput(f"--max-attempts must be at least 1, not {max_attempts}.")
+    if max_attempts > _PG_INTEGER_MAX:
+        raise BadInput(f"--max-attempts must be at most {_PG_INTEGER_MAX}, not {max_attempts}.")
+    if not _PG_INTEGER_MIN <= priority <= _PG_INTEGER_MAX:
+        raise BadInput(
+            f"--priority must be from {_PG_INTEGER_MIN} to {_PG_INTEGER_MAX}, not {priority}."
+        )
+    if not 1 <= parallel <= MAILBOX_CONCURRENCY:
+        raise BadInput(
+            f"--parallel must be from 1 to {MAILBOX_CONCURRENCY} (Graph serves a mailbox "
+            f"{MAILBOX_CONCURRENCY} requests at a time), not {parallel}."
+        )
+
+
+def refuse_active_job(conn: Connection, store: Store, *, force: bool) -> None:
     active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
     if active is not None and not force:
         raise BadInput(

@@ -2,7 +2,9 @@
 
 Planning a job needs how many messages a window holds and when the message
 at a position of it was received (to cut the window into chunks of about
-equal counts); running a chunk needs one page of messages at a time.
+equal counts); running a chunk needs one page of messages at a time. An
+incremental job needs the mailbox's folders and, per folder, the pages of a
+delta round: what changed since the last round.
 Microsoft Graph is one implementation (graph.py); tests use others.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # Graph's largest page of messages.
 PAGE_SIZE = 1000
@@ -49,6 +51,8 @@ class Message:
     flag_status: str | None = None
     body_content_type: str | None = None
     body: str | None = None
+    folder_id: str | None = None  # the mail folder it is in (Graph's parentFolderId)
+    change_key: str | None = None  # Graph's version of the message: changes on every edit
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,28 @@ class Page:
 
     messages: list[Message]
     next_link: str | None
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A mail folder: its id, its path of display names ("Inbox/Receipts"), and
+    how many messages it holds (None when not asked)."""
+
+    id: str
+    path: str
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class DeltaPage:
+    """One page of a folder's delta round: messages added to or changed in the
+    folder, ids that left it (deleted or moved away), and either the next
+    page's link or, on the round's last page, the link of the next round."""
+
+    messages: list[Message]
+    removed: list[str]
+    next_link: str | None
+    delta_link: str | None
 
 
 class MailSourceError(Exception):
@@ -74,6 +100,15 @@ class MailSourceError(Exception):
 
 class NextLinkExpired(MailSourceError):
     """The service no longer accepts a next-page link it gave earlier; list again instead."""
+
+
+class DeltaStateLost(MailSourceError):
+    """The service no longer knows the folder's sync state (expired, reset): the
+    folder needs a full round."""
+
+
+class FolderGone(MailSourceError):
+    """The folder no longer exists (deleted since the job was created)."""
 
 
 class Interrupted(MailSourceError):
@@ -109,4 +144,28 @@ class MailSource(Protocol):
         """Stop waiting: from now on a wait for a request slot, a Retry-After or a
         backoff, in progress or to come, raises Interrupted at once. A request
         already sent is answered (or times out) as usual."""
+        ...
+
+
+@runtime_checkable
+class DeltaSource(Protocol):
+    """A mail source that also serves folders and delta rounds (incremental jobs)."""
+
+    def folders(self, mailbox: str) -> list[Folder]:
+        """Every mail folder of the mailbox, parents before their children."""
+        ...
+
+    def folder_total(self, mailbox: str, folder_id: str) -> int:
+        """How many messages the folder holds now. FolderGone if it does not exist."""
+        ...
+
+    def delta_page(self, mailbox: str, folder_id: str, link: str | None) -> DeltaPage:
+        """One page of a delta round of the folder: from link (a next link or the
+        last round's delta link), or the first page of a full round when None.
+        DeltaStateLost when the service refuses link's state; FolderGone when
+        the folder no longer exists."""
+        ...
+
+    def interrupt(self) -> None:
+        """As MailSource.interrupt."""
         ...

@@ -112,7 +112,8 @@ class RateMeter:
             eta = timedelta(seconds=(estimated - messages) / rate)
         return JobProgress(
             job_id=row["job_id"],
-            store=str(row["store_email"] or row["store_name"] or "(store deleted)"),
+            store=str(row["store_email"] or row["store_name"] or "(store deleted)")
+            + (" (incremental)" if row.get("sync_type") == "incremental" else ""),
             status=status,
             chunks_done=int(row["chunks_done"]),
             chunks_failed=int(row["chunks_failed"]),

@@ -35,6 +35,9 @@ class Chunk:
     # of a job created before time windows (start_offset, then estimated_emails).
     window_start: datetime | None
     window_end: datetime | None
+    # An incremental job's chunk: the folder whose delta round it runs.
+    folder_id: str | None
+    folder_name: str | None
     attempts: int
     max_attempts: int
     worker_id: str

@@ -119,9 +119,35 @@ def success_rate(conn: Connection, *, since: timedelta) -> SuccessRate:
     return SuccessRate(since, rows, counts.get("completed", 0), counts.get("failed", 0))
 
 
-def problem_stores(conn: Connection, *, since: timedelta) -> list[dict[str, Any]]:
-    """Stores with failed chunks among those created in the last `since`, worst first."""
-    return conn.execute(query("report_problem_stores"), {"since": since}).fetchall()
+def problem_stores(
+    conn: Connection, *, since: timedelta, stale_after: timedelta | None = None
+) -> list[dict[str, Any]]:
+    """Stores with failed chunks among those created in the last `since`, worst
+    first; with stale_after, also stores kept current whose oldest folder round
+    completed longer ago than that (their "behind" says how long)."""
+    stores = conn.execute(query("report_problem_stores"), {"since": since}).fetchall()
+    for store in stores:
+        store.update(oldest_round_at=None, behind=None)
+    if stale_after is None:
+        return stores
+    by_id = {store["store_id"]: store for store in stores}
+    for stale in conn.execute(query("report_stale_stores"), {"stale_after": stale_after}):
+        store = by_id.get(stale["store_id"])
+        if store is None:
+            store = by_id[stale["store_id"]] = {
+                **stale,
+                "failed_chunks": 0,
+                "total_chunks": None,
+                "last_error": None,
+            }
+            stores.append(store)
+        store.update(oldest_round_at=stale["oldest_round_at"], behind=stale["behind"])
+    return stores
+
+
+def store_currency(conn: Connection) -> list[dict[str, Any]]:
+    """Stores kept current by incremental jobs: folders, oldest and newest last round."""
+    return conn.execute(query("report_store_currency")).fetchall()
 
 
 def database_status(conn: Connection, target: DatabaseTarget) -> DatabaseStatus:

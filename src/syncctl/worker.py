@@ -35,10 +35,11 @@ from syncctl import metrics
 from syncctl.chunkread import fetch, reader_for
 from syncctl.config import DatabaseTarget, scrub_secrets
 from syncctl.db import Connection, connect, query
+from syncctl.deltasync import run_round
 from syncctl.durations import format_time
 from syncctl.errors import DatabaseUnavailable
 from syncctl.ingest import LeaseLost, write_page
-from syncctl.mailsource import MailSource, MailSourceError, Page, Window
+from syncctl.mailsource import DeltaSource, MailSource, MailSourceError, Page, Window
 from syncctl.queue import Chunk, Outcome, fail_job, finish_chunk, heartbeat, queue_has_work, reap
 from syncctl.queue import claim_chunk as claim_next_chunk
 
@@ -428,13 +429,18 @@ class Worker:
                     "claimed, attempt %d of %d%s%s",
                     chunk.attempts,
                     chunk.max_attempts,
-                    f", received {_window_text(chunk)}" if chunk.window_end else "",
+                    _scope_text(chunk),
                     f", resuming after {chunk.checkpoint.get('read', 0)} messages"
                     if chunk.checkpoint
                     else "",
                 )
-                job_window = Window(context["sync_from"], context["sync_to"])
-                finished = self._read_chunk(conn, held, context["email"], job_window, prefetcher)
+                if chunk.folder_id is not None:
+                    finished = self._run_round(conn, held, context["email"])
+                else:
+                    job_window = Window(context["sync_from"], context["sync_to"])
+                    finished = self._read_chunk(
+                        conn, held, context["email"], job_window, prefetcher
+                    )
             except LeaseLost:
                 metrics.LEASE_LOSSES.inc()
                 chunk_log.warning("the chunk was taken away (reaped, cancelled or reset); dropped")
@@ -516,6 +522,23 @@ class Worker:
                 # Dropped unwritten; waited for so no request outlives the chunk.
                 prefetched.cancel()
                 wait([prefetched])
+
+    def _run_round(self, conn: Connection, held: _HeldChunk, mailbox: str) -> bool:
+        """An incremental chunk: one delta round of its folder (see deltasync)."""
+        if not isinstance(self.source, DeltaSource):
+            raise MailSourceError(
+                f"{held.chunk} is an incremental chunk, and this mail source has no delta queries",
+                permanent=True,
+            )
+        return run_round(
+            conn,
+            self.source,
+            held.chunk,
+            mailbox,
+            lease=self.options.lease,
+            should_stop=self._stop.is_set,
+            lost=lambda: held.lost,
+        )
 
     def _finish(
         self, conn: Connection, held: _HeldChunk, outcome: Outcome, *, error: str | None = None
@@ -715,6 +738,15 @@ class Worker:
         text = scrub_secrets(str(exc), self.target.url).strip()
         line = text.splitlines()[0] if text else type(exc).__name__
         return line[:MAX_ERROR_LENGTH]
+
+
+def _scope_text(chunk: Chunk) -> str:
+    """What the chunk reads, for its "claimed" line."""
+    if chunk.folder_id is not None:
+        return f", delta round of folder {chunk.folder_name or chunk.folder_id}"
+    if chunk.window_end is not None:
+        return f", received {_window_text(chunk)}"
+    return ""
 
 
 def _window_text(chunk: Chunk) -> str:

@@ -1,0 +1,84 @@
+-- folder_state --
+-- Where a folder's next round starts (NULL delta_link: a full round).
+SELECT folder_id, folder_name, delta_link, last_round_at, last_full_round_at
+  FROM folder_sync_state
+ WHERE store_id = %(store_id)s AND folder_id = %(folder_id)s;
+
+-- fence_page --
+-- Save a delta page's checkpoint and extend the lease, only while this claim
+-- holds the chunk; the row lock keeps the reaper out until the page commits.
+UPDATE chunked_sync_jobs
+   SET checkpoint = %(checkpoint)s,
+       processing_time_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer,
+       heartbeat_at = now(),
+       lease_expires_at = now() + %(lease)s,
+       updated_at = now()
+ WHERE id = %(chunk_id)s AND status = 'processing' AND claim_seq = %(claim_seq)s
+RETURNING emails_synced;
+
+-- count_synced --
+UPDATE chunked_sync_jobs SET emails_synced = emails_synced + %(count)s
+ WHERE id = %(chunk_id)s
+RETURNING emails_synced;
+
+-- mark_removed --
+-- Messages that left the folder: marked deleted only if syncctl still has them
+-- in this folder (a move arrives as a removal here and an addition in the
+-- other folder, in whichever order the two folders' rounds run).
+UPDATE emails
+   SET deleted_at = now()
+ WHERE store_id = %(store_id)s
+   AND provider_message_id = ANY(%(ids)s::text[])
+   AND folder_id = %(folder_id)s
+   AND deleted_at IS NULL;
+
+-- remember_seen --
+-- Ids a full round returned, for the reconciliation at its end.
+INSERT INTO delta_round_seen (chunk_id, provider_message_id)
+SELECT %(chunk_id)s, unnest(%(ids)s::text[])
+ON CONFLICT DO NOTHING;
+
+-- reconcile_full_round --
+-- A full round of the folder has ended: its rows that the round did not
+-- return have left the mailbox (or the folder, and the other folder's round
+-- says where to).
+UPDATE emails e
+   SET deleted_at = now()
+ WHERE e.store_id = %(store_id)s
+   AND e.folder_id = %(folder_id)s
+   AND e.deleted_at IS NULL
+   AND NOT EXISTS (SELECT 1 FROM delta_round_seen s
+                    WHERE s.chunk_id = %(chunk_id)s
+                      AND s.provider_message_id = e.provider_message_id);
+
+-- forget_seen --
+DELETE FROM delta_round_seen WHERE chunk_id = %(chunk_id)s;
+
+-- save_folder_state --
+-- The round ended: the next one starts from its delta link.
+INSERT INTO folder_sync_state AS f (store_id, folder_id, folder_name, delta_link,
+                                    last_round_at, last_full_round_at)
+VALUES (%(store_id)s, %(folder_id)s, %(folder_name)s, %(delta_link)s, now(),
+        CASE WHEN %(full)s THEN now() END)
+ON CONFLICT (store_id, folder_id) DO UPDATE
+   SET folder_name = EXCLUDED.folder_name,
+       delta_link = EXCLUDED.delta_link,
+       last_round_at = EXCLUDED.last_round_at,
+       last_full_round_at = coalesce(EXCLUDED.last_full_round_at, f.last_full_round_at),
+       updated_at = now();
+
+-- drop_delta_link --
+-- Graph no longer has the folder's state: its next round is a full one.
+UPDATE folder_sync_state SET delta_link = NULL, updated_at = now()
+ WHERE store_id = %(store_id)s AND folder_id = %(folder_id)s;
+
+-- folder_gone --
+-- The folder was deleted: its messages went with it, and its state.
+WITH marked AS (
+    UPDATE emails SET deleted_at = now()
+     WHERE store_id = %(store_id)s AND folder_id = %(folder_id)s AND deleted_at IS NULL
+    RETURNING 1
+), dropped AS (
+    DELETE FROM folder_sync_state WHERE store_id = %(store_id)s AND folder_id = %(folder_id)s
+)
+SELECT count(*) AS marked FROM marked;
