@@ -1306,8 +1306,27 @@ def dev_fake_graph(
             help="Requests in flight per mailbox before 429 MailboxConcurrency (0: no limit).",
         ),
     ] = 4,
+    folders: Annotated[
+        int | None,
+        typer.Option(
+            "--folders",
+            help="Mail folders per mailbox, the first the Inbox (default: Inbox with a child "
+            "Receipts, Sent Items, Archive, Deleted Items).",
+            show_default=False,
+        ),
+    ] = None,
+    churn: Annotated[
+        float,
+        typer.Option(
+            "--churn",
+            help="Random changes a second per mailbox while serving (new mail, edits, moves, "
+            "deletes).",
+        ),
+    ] = 0.0,
 ) -> None:
-    """Serve a local Graph-compatible mail server for tests, staging and load runs."""
+    """Serve a local Graph-compatible mail server for tests, staging and load runs.
+
+    Its control endpoint (announced at startup) changes mailboxes while it runs."""
     from syncctl.fakegraph import FakeGraphServer, parse_mailboxes, serve
 
     for name, rate in (
@@ -1319,8 +1338,10 @@ def dev_fake_graph(
             raise BadInput(f"{name} is a share of requests from 0 to 1, not {rate}.")
     if not 0 <= port <= 65535:
         raise BadInput(f"--port must be from 0 to 65535, not {port}.")
-    if retry_after < 0 or latency < 0 or max_in_flight < 0:
-        raise BadInput("--retry-after, --latency and --max-in-flight cannot be negative.")
+    if retry_after < 0 or latency < 0 or max_in_flight < 0 or churn < 0:
+        raise BadInput("--retry-after, --latency, --max-in-flight and --churn cannot be negative.")
+    if folders is not None and not 1 <= folders <= 1000:
+        raise BadInput(f"--folders must be from 1 (the Inbox alone) to 1000, not {folders}.")
     server = FakeGraphServer(
         parse_mailboxes(mailbox or []),
         port=port,
@@ -1332,6 +1353,8 @@ def dev_fake_graph(
         latency=latency,
         hang=hang,
         enforce_concurrency=max_in_flight or None,
+        folders=folders,
+        churn=churn,
     )
     try:
         serve(server, announce=typer.echo)

@@ -132,16 +132,16 @@ def problem_stores(
         return stores
     by_id = {store["store_id"]: store for store in stores}
     for stale in conn.execute(query("report_stale_stores"), {"stale_after": stale_after}):
-        store = by_id.get(stale["store_id"])
-        if store is None:
-            store = by_id[stale["store_id"]] = {
+        found: dict[str, Any] | None = by_id.get(stale["store_id"])
+        if found is None:
+            found = by_id[stale["store_id"]] = {
                 **stale,
                 "failed_chunks": 0,
                 "total_chunks": None,
                 "last_error": None,
             }
-            stores.append(store)
-        store.update(oldest_round_at=stale["oldest_round_at"], behind=stale["behind"])
+            stores.append(found)
+        found.update(oldest_round_at=stale["oldest_round_at"], behind=stale["behind"])
     return stores
 
 
