@@ -28,18 +28,18 @@ class CachedGraphServer(FakeGraphServer):
 
     def __init__(self, mailboxes: dict[str, int], **knobs: Any) -> None:
         super().__init__(mailboxes, seed=SEED, **knobs)
-        self._generated: dict[tuple[str, int], dict[str, Any]] = {}
-        self._serialised: dict[tuple[str, int, tuple[str, ...] | None], bytes] = {}
+        self._generated: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._serialised: dict[tuple[Any, ...], bytes] = {}
 
     def _message(self, mailbox: Any, index: int) -> dict[str, Any]:
-        key = (mailbox.name, index)
+        key = _version(mailbox, index)
         message = self._generated.get(key)
         if message is None:
             message = self._generated[key] = super()._message(mailbox, index)
         return message
 
     def _message_json(self, mailbox: Any, index: int, select: list[str] | None) -> bytes:
-        key = (mailbox.name, index, None if select is None else tuple(select))
+        key = (*_version(mailbox, index), None if select is None else tuple(select))
         data = self._serialised.get(key)
         if data is None:
             data = self._serialised[key] = super()._message_json(mailbox, index, select)
@@ -57,6 +57,11 @@ class CachedGraphServer(FakeGraphServer):
             for index in range(size):
                 self._message_json(mailbox, index, select)
         return messages
+
+
+def _version(mailbox: Any, index: int) -> tuple[Any, ...]:
+    """A message as it is now: an edit or a move makes it another one to keep."""
+    return (mailbox.name, index, mailbox.edits.get(index, 0), mailbox.folder_of(index))
 
 
 def syncctl_env(database_url: str, server: FakeGraphServer) -> dict[str, str]:

@@ -20,7 +20,14 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench import claim_cost, graph_efficiency, ingest_throughput, queue_throughput, scale_out
+from bench import (
+    claim_cost,
+    graph_efficiency,
+    incremental,
+    ingest_throughput,
+    queue_throughput,
+    scale_out,
+)
 from bench.common import PgServer, Section, pg_server
 from bench.mail import CachedGraphServer
 
@@ -53,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under 2 minutes)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 6), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 7), help="run only these benchmarks"
     )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
-    chosen = set(args.only or range(1, 6))
+    chosen = set(args.only or range(1, 7))
     started = time.perf_counter()
     sections: list[Section] = []
     with ExitStack() as stack:
@@ -81,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         steps: list[tuple[int, Callable[[], Section]]] = [
             (1, lambda: queue_throughput.run(server, quick=args.quick)),
             (2, lambda: claim_cost.run(server, quick=args.quick)),
+            (6, lambda: incremental.run(server, quick=args.quick)),
         ]
         if graph is not None:
             mail = graph
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 (4, lambda: graph_efficiency.run(server, mail, quick=args.quick)),
                 (5, lambda: scale_out.run(server, mail, quick=args.quick)),
             ]
-        for number, step in steps:
+        for number, step in sorted(steps, key=lambda numbered: numbered[0]):
             if number not in chosen:
                 continue
             began = time.perf_counter()

@@ -310,3 +310,54 @@ def test_incremental_bad_input_is_refused_with_one_sentence(
     jobs = db.execute("SELECT count(*) AS n FROM sync_queue").fetchone()
     assert jobs is not None
     assert jobs["n"] == 0
+
+
+def test_hidden_folders_are_kept_current_too(database_url: str, db: Db) -> None:
+    # A full job's listing reaches hidden folders' mail; a round that skipped
+    # them would mark that mail deleted while it is still in the mailbox.
+    email = "hidden@contoso.test"
+    with FakeGraphServer({email: 500}, seed=28) as server:
+        hidden = server.add_folder(email, "App data", hidden=True)
+        kept = server.add_messages(email, [datetime(2020, 5, 1, tzinfo=UTC)] * 4, folder=hidden)
+        env = environment(database_url, server)
+        add_store(email, env)
+        syncctl("create", email, env=env)
+        drain(env=env)
+        created = incremental_round(email, env)
+        assert "App data" in {c["folder"] for c in created["chunks"]}
+        assert_mirrored(db, server, email)
+        stored = rows(db, email)
+        assert all(stored[m]["folder_id"] == hidden for m in kept)
+        assert all(stored[m]["deleted_at"] is None for m in kept)
+
+
+def test_status_and_problem_stores_show_how_current_stores_are(database_url: str, db: Db) -> None:
+    emails = ["fresh@contoso.test", "behind@contoso.test"]
+    with FakeGraphServer(dict.fromkeys(emails, 200), seed=29) as server:
+        env = environment(database_url, server)
+        for email in emails:
+            add_store(email, env)
+            incremental_round(email, env)
+        # behind@'s Inbox last completed a round two hours ago.
+        db.execute(
+            "UPDATE folder_sync_state f SET last_round_at = now() - interval '2 hours'"
+            " FROM stores s WHERE s.id = f.store_id AND s.email = %s AND f.folder_name = 'Inbox'",
+            (emails[1],),
+        )
+        status = json.loads(syncctl("status", "--json", env=env).stdout)
+        assert {job["sync_type"] for job in status["jobs"]} == {"incremental"}
+        current = {s["email"]: s for s in status["stores_kept_current"]}
+        assert current[emails[0]]["folders"] == len(server.folders(emails[0]))
+        assert 7200 <= current[emails[1]]["behind"] < 7300  # seconds
+        assert current[emails[0]]["behind"] < 300
+        table = syncctl("status", env=env).stdout
+        assert "incremental" in table
+        assert "Stores kept current" in table
+
+        flagged = syncctl(
+            "problem-stores", "--stale-after", "1h", "--check", "--json", env=env, check=False
+        )
+        assert flagged.returncode == 1
+        assert [s["email"] for s in json.loads(flagged.stdout)["stores"]] == [emails[1]]
+        fine = syncctl("problem-stores", "--stale-after", "3h", "--check", env=env, check=False)
+        assert fine.returncode == 0, fine.stdout

@@ -47,3 +47,14 @@ running AS (
       FROM edges
 )
 SELECT job_id, max(at_once)::integer AS most FROM running GROUP BY job_id;
+
+-- demo_job_written --
+-- Rows a job wrote (inserted, changed or marked deleted), over its chunks.
+SELECT coalesce(sum(emails_synced), 0) AS written
+  FROM chunked_sync_jobs WHERE parent_sync_job_id = %(job_id)s;
+
+-- demo_rows_of --
+-- The store's rows of these messages: where syncctl has them, and whether deleted.
+SELECT e.provider_message_id, e.folder_id, e.deleted_at
+  FROM emails e JOIN stores s ON s.id = e.store_id
+ WHERE lower(s.email) = lower(%(email)s) AND e.provider_message_id = ANY(%(ids)s::text[]);

@@ -35,6 +35,7 @@ from syncctl.db import Connection, connection, query
 from syncctl.errors import BadInput, CheckFailed
 from syncctl.fakegraph import FakeGraphServer, serve
 from syncctl.graph import GraphMailSource, GraphSettings, MailboxSlots
+from syncctl.incremental import create_incremental_job
 from syncctl.mailsource import MAILBOX_CONCURRENCY
 from syncctl.migrate import migrate
 
@@ -511,6 +512,7 @@ def run_demo(
             _show_throttling(server)
             if demo.saboteur.kill is not None:
                 _show_recovery(conn, demo.saboteur.kill)
+            problems += keep_current(conn, target, server, log_dir)
             since = f"{math.ceil(time.monotonic() - started) + 1}s"
             show_reports(target, since)
             _explain(target, job_ids, problems)
@@ -654,6 +656,96 @@ def _show_recovery(conn: Connection, kill: Kill) -> None:
         title=f"Chunk {kill.chunk_index}/{kill.total_chunks} of {kill.store}, "
         f"whose worker was killed:",
     )
+
+
+# -- keeping a store current ---------------------------------------------------
+
+# The store the demo keeps current after the full sync.
+KEPT_CURRENT = SAMPLE_MAILBOXES[1]
+
+
+def keep_current(
+    conn: Connection, target: DatabaseTarget, server: FakeGraphServer, log_dir: Path
+) -> list[str]:
+    """Two incremental rounds of one store after its full sync: the first (a full
+    round of each folder, no delta state yet), then a few changes to the
+    mailbox and a round that mirrors just them. Problems, one sentence each."""
+    email = KEPT_CURRENT.email
+    typer.echo()
+    output.message(
+        f"Keeping {email} current: `syncctl create {email} --type incremental`, one delta "
+        "round per mail folder, then `syncctl run --drain`."
+    )
+    settings = GraphSettings(url=server.url, token=server.token)
+    with closing(GraphMailSource(settings, slots=MailboxSlots(target))) as source:
+        first = _incremental_round(conn, target, server, source, log_dir)
+        output.message(
+            f"  Round 1: {len(first.chunks)} folders, each read whole (no delta state yet): "
+            f"{first.requests} requests; it wrote {first.written} rows, as the full job had "
+            "them all."
+        )
+        applied = server.apply_changes(email, add=5, edit=3, move=2, delete=2)
+        second = _incremental_round(conn, target, server, source, log_dir)
+    output.message(
+        f"  Then in the mailbox: {len(applied['added'])} new, {len(applied['edited'])} edited, "
+        f"{len(applied['moved'])} moved to another folder, {len(applied['deleted'])} deleted. "
+        f"Round 2: {second.requests} requests (one per folder), {second.written} rows written; "
+        "deleted ones are kept, marked with deleted_at."
+    )
+    return _mirror_problems(conn, applied)
+
+
+@dataclass(frozen=True)
+class _Round:
+    chunks: list[Any]
+    requests: int
+    written: int
+
+
+def _incremental_round(
+    conn: Connection,
+    target: DatabaseTarget,
+    server: FakeGraphServer,
+    source: GraphMailSource,
+    log_dir: Path,
+) -> _Round:
+    before = len(server.requests)
+    created = create_incremental_job(conn, source, store_ref=KEPT_CURRENT.email, force=True)
+    workers = start_workers(target, server, log_dir / "incremental", count=1)
+    try:
+        workers[0].process.wait(DEADLINE)
+    finally:
+        stop_workers(workers)
+    delta = [r for r in server.requests[before:] if r.path.endswith("/messages/delta")]
+    written = conn.execute(query("demo_job_written"), {"job_id": created.job_id}).fetchone()
+    return _Round(created.chunks, len(delta), int(written["written"]) if written else 0)
+
+
+def _mirror_problems(conn: Connection, applied: Mapping[str, Any]) -> list[str]:
+    rows = {
+        row["provider_message_id"]: row
+        for row in conn.execute(
+            query("demo_rows_of"),
+            {"email": KEPT_CURRENT.email, "ids": _changed_ids(applied)},
+        ).fetchall()
+    }
+    problems = []
+    if any(m not in rows or rows[m]["deleted_at"] is not None for m in applied["added"]):
+        problems.append(f"New mail of {KEPT_CURRENT.email} was not mirrored by round 2.")
+    if any(rows.get(m, {}).get("deleted_at") is None for m in applied["deleted"]):
+        problems.append(f"Deleted mail of {KEPT_CURRENT.email} was not marked by round 2.")
+    if any(rows.get(m["id"], {}).get("folder_id") != m["to"] for m in applied["moved"]):
+        problems.append(f"Moved mail of {KEPT_CURRENT.email} is not in its new folder.")
+    return problems
+
+
+def _changed_ids(applied: Mapping[str, Any]) -> list[str]:
+    return [
+        *applied["added"],
+        *applied["edited"],
+        *applied["deleted"],
+        *(m["id"] for m in applied["moved"]),
+    ]
 
 
 def _explain(target: DatabaseTarget, job_ids: Mapping[str, UUID], problems: Sequence[str]) -> None:

@@ -1,8 +1,10 @@
 """A mailbox's folders, and delta rounds of one folder's messages.
 
-Folders: `mailFolders` and, level by level, each folder's `childFolders`.
-Hidden folders (isHidden: made by apps, not shown to the user in Outlook)
-are left out, as a user would expect.
+Folders: `mailFolders` and, level by level, each folder's `childFolders`,
+hidden ones included (`includeHiddenFolders=true`): a full job's listing
+(`/messages`) is not limited to visible folders, so the rounds must not be
+either, or messages the full job stored in a hidden folder would look
+deleted.
 
 A delta round of a folder: without a link, a full round (every message of
 the folder, page by page, then a delta link); from the last round's delta
@@ -39,7 +41,7 @@ _FOLDER_PAGE = 250
 
 
 def folders(client: GraphClient, mailbox: str) -> list[Folder]:
-    """Every visible mail folder of the mailbox, parents before their children."""
+    """Every mail folder of the mailbox, hidden ones too, parents before their children."""
     found: list[Folder] = []
     pending: deque[tuple[str, str]] = deque([("mailFolders", "")])
     while pending:
@@ -130,7 +132,11 @@ def _folder_pages(client: GraphClient, mailbox: str, path: str) -> list[dict[str
     """Every folder of one listing (all its pages), as {id, name, total, children}."""
     items: list[dict[str, Any]] = []
     url: str | None = client.mailbox_url(mailbox, path)
-    params: dict[str, str] | None = {"$select": _FOLDER_FIELDS, "$top": str(_FOLDER_PAGE)}
+    params: dict[str, str] | None = {
+        "$select": _FOLDER_FIELDS,
+        "$top": str(_FOLDER_PAGE),
+        "includeHiddenFolders": "true",
+    }
     while url is not None:
         reply = client.get(mailbox, url, params)
         document = _document(client, mailbox, reply, "a folder listing")
