@@ -203,8 +203,8 @@ def demo_jobs(db: psycopg.Connection[dict[str, Any]]) -> dict[str, list[dict[str
     """{email: its jobs, oldest first} of every sample store."""
     found: dict[str, list[dict[str, Any]]] = {}
     for row in db.execute(
-        "SELECT s.email, q.id, q.status FROM sync_queue q JOIN stores s ON s.id = q.store_id"
-        " ORDER BY q.created_at, q.id"
+        "SELECT s.email, q.id, q.status, q.sync_type FROM sync_queue q"
+        " JOIN stores s ON s.id = q.store_id ORDER BY q.created_at, q.id"
     ).fetchall():
         found.setdefault(row["email"], []).append(row)
     return found
@@ -256,17 +256,34 @@ def check_demo_result(result: subprocess.CompletedProcess[str], home: Path, run:
     assert "status     count    %" in out  # success-rate
     assert "Mailbox former@demo.syncctl.invalid was not found in Graph (404" in out
 
+    assert f"Keeping {demo.KEPT_CURRENT.email} current" in err
+    assert "Round 2: 5 requests (one per folder)" in err
+
     with embedded_db(home) as db:
         by_store = demo_jobs(db)
         for mailbox in demo.SAMPLE_MAILBOXES:
-            assert len(by_store[mailbox.email]) == run, mailbox.email
-            latest = by_store[mailbox.email][-1]
+            full = [job for job in by_store[mailbox.email] if job["sync_type"] == "demo"]
+            assert len(full) == run, mailbox.email
+            latest = full[-1]
             if mailbox.deleted:
                 assert latest["status"] == "failed"
                 assert stored(db, mailbox.email) == (0, 0)
-            else:
+            elif mailbox != demo.KEPT_CURRENT:
                 assert latest["status"] == "completed", mailbox.email
                 assert stored(db, mailbox.email) == (mailbox.messages, mailbox.messages)
+        # Kept current: two incremental rounds a run; the second mirrors 5 new and 2 deleted.
+        rounds = [j for j in by_store[demo.KEPT_CURRENT.email] if j["sync_type"] == "incremental"]
+        assert [j["status"] for j in rounds] == ["completed"] * 2 * run
+        rows, ids = stored(db, demo.KEPT_CURRENT.email)
+        # The seeded server makes the same changes every run: the same 5 messages.
+        assert rows == ids == demo.KEPT_CURRENT.messages + 5
+        marked = db.execute(
+            "SELECT count(*) AS n FROM emails e JOIN stores s ON s.id = e.store_id"
+            " WHERE s.email = %s AND e.deleted_at IS NOT NULL",
+            [demo.KEPT_CURRENT.email],
+        ).fetchone()
+        assert marked is not None
+        assert marked["n"] == 2
         victim_job = by_store[demo.VICTIM.email][-1]["id"]
         recovered = outcomes_of_recovered_chunks(db, victim_job)
         assert ["reaped", "completed"] in recovered

@@ -361,3 +361,26 @@ def test_status_and_problem_stores_show_how_current_stores_are(database_url: str
         assert [s["email"] for s in json.loads(flagged.stdout)["stores"]] == [emails[1]]
         fine = syncctl("problem-stores", "--stale-after", "3h", "--check", env=env, check=False)
         assert fine.returncode == 0, fine.stdout
+
+
+def test_delta_links_of_another_graph_endpoint_start_a_full_round(
+    database_url: str, db: Db
+) -> None:
+    # SYNCCTL_GRAPH_URL changed since the last round: the saved links point at
+    # a host the token must not go to; each folder starts over instead of failing.
+    email = "moved-endpoint@contoso.test"
+    with FakeGraphServer({email: 400}, seed=30) as before:
+        env = environment(database_url, before)
+        add_store(email, env)
+        incremental_round(email, env)
+    with FakeGraphServer({email: 400}, seed=30) as after:
+        env = environment(database_url, after)
+        incremental_round(email, env)
+        assert_mirrored(db, after, email)
+    chunks = db.execute(
+        "SELECT c.status, c.checkpoint ->> 'full_reason' AS reason FROM chunked_sync_jobs c"
+        " JOIN sync_queue q ON q.id = c.parent_sync_job_id"
+        " WHERE q.created_at = (SELECT max(created_at) FROM sync_queue)"
+    ).fetchall()
+    assert {c["status"] for c in chunks} == {"completed"}
+    assert all("not the configured Graph" in c["reason"] for c in chunks)

@@ -58,3 +58,8 @@ SELECT coalesce(sum(emails_synced), 0) AS written
 SELECT e.provider_message_id, e.folder_id, e.deleted_at
   FROM emails e JOIN stores s ON s.id = e.store_id
  WHERE lower(s.email) = lower(%(email)s) AND e.provider_message_id = ANY(%(ids)s::text[]);
+
+-- demo_forget_folder_state --
+-- The demo's server is new each run: delta links of an earlier run point at one gone.
+DELETE FROM folder_sync_state f USING stores s
+ WHERE s.id = f.store_id AND lower(s.email) = lower(%(email)s);

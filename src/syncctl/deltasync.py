@@ -86,6 +86,7 @@ def run_round(
         query("folder_state"), {"store_id": chunk.store_id, "folder_id": folder_id}
     ).fetchone()
     position = RoundPosition.of(chunk, state["delta_link"] if state else None)
+    restarted = False
     while not position.done:
         if lost():
             raise LeaseLost(f"{chunk}: the heartbeat found the lease gone")
@@ -94,8 +95,11 @@ def run_round(
         try:
             page = source.delta_page(mailbox, folder_id, position.link)
         except DeltaStateLost as exc:
-            if position.full and position.link is None:
-                raise  # refused at a full round's start: nothing to fall back to
+            if restarted or (position.full and position.link is None):
+                # Refused at a full round's start, or again within the round this
+                # attempt started: starting over once more would not end.
+                raise MailSourceError(f"{exc} (again, within a full round)") from None
+            restarted = True
             log.warning("%s; running a full round of the folder instead", exc)
             _restart_full(conn, chunk, position, reason=str(exc), lease=lease)
             continue

@@ -676,13 +676,14 @@ def keep_current(
         f"Keeping {email} current: `syncctl create {email} --type incremental`, one delta "
         "round per mail folder, then `syncctl run --drain`."
     )
+    conn.execute(query("demo_forget_folder_state"), {"email": email})
     settings = GraphSettings(url=server.url, token=server.token)
     with closing(GraphMailSource(settings, slots=MailboxSlots(target))) as source:
         first = _incremental_round(conn, target, server, source, log_dir)
         output.message(
             f"  Round 1: {len(first.chunks)} folders, each read whole (no delta state yet): "
-            f"{first.requests} requests; it wrote {first.written} rows, as the full job had "
-            "them all."
+            f"{first.requests} requests; it wrote {first.written} rows (what the full job "
+            "had not stored the same way)."
         )
         applied = server.apply_changes(email, add=5, edit=3, move=2, delete=2)
         second = _incremental_round(conn, target, server, source, log_dir)

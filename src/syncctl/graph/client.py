@@ -104,6 +104,10 @@ class GraphClient:
         """The URL of path (e.g. "messages") under the mailbox."""
         return f"{self.settings.url}/users/{quote(mailbox.strip(), safe='@')}/{path}"
 
+    def same_origin(self, link: str) -> bool:
+        """Whether link is on the configured Graph host (scheme, host and port)."""
+        return origin(link) == self._origin
+
     def check_link(self, mailbox: str, link: str) -> None:
         """Refuse a link Graph gave that leaves the configured Graph host: the
         token is never sent anywhere else."""

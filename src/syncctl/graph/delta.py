@@ -22,7 +22,7 @@ from urllib.parse import quote
 import orjson
 
 from syncctl.cleantext import clean_escapes
-from syncctl.graph.client import IMMUTABLE_IDS, GraphClient, Reply, describe
+from syncctl.graph.client import IMMUTABLE_IDS, GraphClient, Reply, describe, origin
 from syncctl.graph.messages import SELECT_FIELDS, message_from_graph
 from syncctl.mailsource import (
     PAGE_SIZE,
@@ -90,7 +90,13 @@ def delta_page(
             mailbox, url, {"$select": ",".join(SELECT_FIELDS)}, headers, expect=expect
         )
     else:
-        client.check_link(mailbox, link)
+        if not client.same_origin(link):
+            # Saved for another Graph endpoint (SYNCCTL_GRAPH_URL changed since):
+            # never sent the token; the folder starts over from the configured one.
+            raise DeltaStateLost(
+                f"The delta link of folder {folder_id} of mailbox {mailbox} is for "
+                f"{origin(link)}, not the configured Graph; the folder needs a full round."
+            )
         reply = client.get(mailbox, link, None, headers, expect=expect)
     try:
         return parse_delta_page(reply.content)
