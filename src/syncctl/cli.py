@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Iterator, Mapping
@@ -131,10 +132,14 @@ app = typer.Typer(
     help="Run and repair chunked mailbox synchronisation.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
+    # Plain help: flags listed without a type, and no rich to import for it.
+    rich_markup_mode=None,
 )
-db_app = typer.Typer(help="The database: apply migrations, show which one is in use.")
-store_app = typer.Typer(help="The mailboxes syncctl syncs.")
-dev_app = typer.Typer(help="Tools for development, tests and load runs.")
+db_app = typer.Typer(
+    help="The database: apply migrations, show which one is in use.", rich_markup_mode=None
+)
+store_app = typer.Typer(help="The mailboxes syncctl syncs.", rich_markup_mode=None)
+dev_app = typer.Typer(help="Tools for development, tests and load runs.", rich_markup_mode=None)
 app.add_typer(db_app, name="db")
 app.add_typer(store_app, name="store")
 app.add_typer(dev_app, name="dev")
@@ -384,6 +389,32 @@ def db_status(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None
         [{"name": m.name, "applied_at": m.applied_at} for m in status.applied],
         {"name": "migration", "applied_at": "applied"},
     )
+
+
+@db_app.command("stop")
+def db_stop(as_json: AsJson = False) -> None:
+    """Stop the embedded PostgreSQL (under SYNCCTL_HOME); the next command that needs it
+    starts it again."""
+    from syncctl.config import syncctl_home
+    from syncctl.embedded import stop_embedded
+
+    home = syncctl_home()
+    pid = stop_embedded(home)
+    if as_json:
+        output.emit_json({"home": str(home), "was_running": pid is not None, "pid": pid})
+    elif pid is None:
+        output.message(f"The embedded PostgreSQL under {home} is not running; nothing to stop.")
+    else:
+        output.message(
+            f"Stopped the embedded PostgreSQL under {home} (pid {pid}). The next command "
+            "that needs it starts it again."
+        )
+    configured = [name for name in ("SYNCCTL_DATABASE_URL", "DATABASE_URL") if os.environ.get(name)]
+    if configured:
+        output.message(
+            f"{configured[0]} is set, so other commands here use that database, which "
+            "`syncctl db stop` never touches."
+        )
 
 
 # store
@@ -1419,4 +1450,17 @@ def _demo_reports(target: DatabaseTarget, since: str) -> None:
 
 def main() -> None:
     """The `syncctl` console script."""
-    app(prog_name="syncctl")
+    from syncctl.argv import normalize
+
+    groups = {name for name, group in _groups().items() if group}
+    app(args=normalize(sys.argv[1:], groups), prog_name="syncctl")
+
+
+def _groups() -> dict[str, bool]:
+    """{command name: whether it takes a subcommand} of the root."""
+    named = {g.name: True for g in app.registered_groups if g.name}
+    for command in app.registered_commands:
+        name = command.name or (command.callback.__name__ if command.callback else None)
+        if name:
+            named.setdefault(name.replace("_", "-"), False)
+    return named

@@ -1,12 +1,14 @@
 """The embedded PostgreSQL used when no database is configured.
 
 It lives under SYNCCTL_HOME, is started by the first command that needs it,
-and is left running so later commands reuse it.
+and is left running so later commands reuse it; `syncctl db stop` stops it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -42,3 +44,27 @@ def embedded_database_url(home: Path) -> str:
     url: str = server.get_uri()
     log.debug("embedded PostgreSQL at %s", url)
     return url
+
+
+def stop_embedded(home: Path) -> int | None:
+    """Stop the embedded server under home (a fast shutdown: sessions are ended,
+    nothing is lost); the pid it ran as, or None when it was not running."""
+    pgdata = home / "pgdata"
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text(encoding="ascii").split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None  # no pid file, an unreadable one, or a server long gone
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        from pgserver import pg_ctl
+    # Run as root, pgserver starts PostgreSQL as its own system user.
+    user = "pgserver" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        raise DatabaseUnavailable(
+            f"Could not stop the embedded PostgreSQL in {pgdata} ({exc}); its log is "
+            f"{pgdata / 'log'}."
+        ) from None
+    return pid
