@@ -27,6 +27,7 @@ from bench import (
     ingest_throughput,
     queue_throughput,
     scale_out,
+    startup,
 )
 from bench.common import PgServer, Section, pg_server
 from bench.mail import CachedGraphServer
@@ -60,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (under 2 minutes)")
     parser.add_argument(
-        "--only", type=int, nargs="+", choices=range(1, 7), help="run only these benchmarks"
+        "--only", type=int, nargs="+", choices=range(1, 8), help="run only these benchmarks"
     )
     parser.add_argument("--markdown", type=Path, help="also write the report to this file")
     args = parser.parse_args(argv)
-    chosen = set(args.only or range(1, 7))
+    chosen = set(args.only or range(1, 8))
     started = time.perf_counter()
     sections: list[Section] = []
     with ExitStack() as stack:
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             (1, lambda: queue_throughput.run(server, quick=args.quick)),
             (2, lambda: claim_cost.run(server, quick=args.quick)),
             (6, lambda: incremental.run(server, quick=args.quick)),
+            (7, lambda: startup.run(server, quick=args.quick)),
         ]
         if graph is not None:
             mail = graph

@@ -118,7 +118,7 @@ def unconfigured(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("DATABASE_URL", "NO_COLOR"):
         monkeypatch.delenv(name, raising=False)
 
-    def no_mail(target: DatabaseTarget) -> None:
+    def no_mail(target: DatabaseTarget, **_: object) -> None:
         raise AssertionError("bad input must be refused before the mail service is opened")
 
     monkeypatch.setattr(cli, "_mail_source", no_mail)
@@ -439,9 +439,7 @@ unknown_job = st.uuids().flatmap(
 _JOB_COMMANDS = st.sampled_from(["status", "retry", "cancel"])
 
 job_cases = st.one_of(
-    st.tuples(_JOB_COMMANDS, not_a_job_id).map(
-        lambda t: Case((t[0],), (), (t[1],), "is not a job id")
-    ),
+    st.tuples(_JOB_COMMANDS, not_a_job_id).map(lambda t: Case((t[0],), (), (t[1],), "job id")),
     st.tuples(_JOB_COMMANDS, unknown_job).map(lambda t: Case((t[0],), (), (t[1],), "No job")),
     st.tuples(st.integers(), unknown_job).map(
         lambda t: Case(("retry",), (f"--chunk={t[0]}",), (t[1],), "No job")

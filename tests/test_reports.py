@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from uuid import UUID, uuid4
 
 import pytest
@@ -141,12 +142,15 @@ def test_success_rate_counts_chunks_created_in_the_period_by_status(conn: Connec
 
     result = reports.success_rate(conn, since=DAY)
 
-    assert [(r["status"], r["count"], float(r["percentage"])) for r in result.statuses] == [
-        ("completed", 2, 50.0),
-        ("failed", 1, 25.0),
-        ("pending", 1, 25.0),
+    # One definition: % of finished (completed + failed); pending is not finished.
+    shares = [(r["status"], r["count"], r["percentage"]) for r in result.statuses]
+    assert shares == [
+        ("completed", 2, Decimal("66.67")),
+        ("failed", 1, Decimal("33.33")),
+        ("pending", 1, None),
     ]
     assert result.rate == pytest.approx(66.67)
+    assert [float(r["share_of_all"]) for r in result.statuses] == [50.0, 25.0, 25.0]
     assert reports.success_rate(conn, since=timedelta(days=3)).failed == 2
 
 

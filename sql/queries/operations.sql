@@ -71,3 +71,18 @@ SELECT q.id AS job_id, s.email AS store_email, q.status, q.created_at, q.complet
 DELETE FROM sync_queue
  WHERE id = ANY(%(job_ids)s) AND status IN ('completed', 'failed', 'cancelled')
 RETURNING id;
+
+-- jobs_by_id_prefix --
+-- Jobs whose id starts with a prefix typed by an operator, newest first, with how many match.
+-- A range on the primary key: low is the prefix padded with 0s, high with fs, and uuids
+-- sort as their hex text does, so this reads one range of the index however large
+-- sync_queue grows (4 hex digits narrow it to 1/65536 of the jobs). The obvious LIKE on
+-- id::text cannot use that index: it formats and tests every row's id, a sequential scan
+-- of the whole queue on each command. (No percent sign in these comments: psycopg reads it.)
+SELECT q.id, q.store_id, s.email AS store_email, q.status, q.created_at,
+       count(*) OVER () AS matches
+  FROM sync_queue q
+  LEFT JOIN stores s ON s.id = q.store_id
+ WHERE q.id BETWEEN %(low)s AND %(high)s
+ ORDER BY q.created_at DESC, q.id
+ LIMIT %(limit)s;

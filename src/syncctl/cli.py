@@ -9,6 +9,7 @@ _exit_code_for, which the root group's invoke calls; so the installed
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -19,17 +20,14 @@ from contextlib import closing, contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Annotated, Any
 from uuid import UUID
 
-import psycopg
-import psycopg.errors
 import typer
 from typer.core import TyperGroup
 
-from syncctl import __version__, jobs, operations, output, progress, queue, reports
-from syncctl.config import DatabaseTarget, resolve_database, scrub_secrets
-from syncctl.db import Connection, connection
+from syncctl import __version__, output
 from syncctl.durations import format_duration, parse_date, parse_duration
 from syncctl.errors import (
     BadInput,
@@ -38,15 +36,7 @@ from syncctl.errors import (
     MailSourceUnavailable,
     SyncctlError,
 )
-from syncctl.incremental import (
-    INCREMENTAL,
-    CreatedIncrementalJob,
-    Enqueued,
-    create_incremental_job,
-    due_stores,
-    enqueue_due,
-)
-from syncctl.jobs import CreatedJob
+from syncctl.invocation import command_name
 from syncctl.mailsource import (
     MAILBOX_CONCURRENCY,
     DeltaPage,
@@ -57,13 +47,49 @@ from syncctl.mailsource import (
     Page,
     Window,
 )
-from syncctl.migrate import check_schema
-from syncctl.migrate import migrate as apply_migrations
+
+if TYPE_CHECKING:
+    from syncctl.config import DatabaseTarget
+    from syncctl.db import Connection
+    from syncctl.incremental import CreatedIncrementalJob, Enqueued
+    from syncctl.jobs import CreatedJob
+
+
+class _Later(ModuleType):
+    """A module imported at its first use: `syncctl --help` and `--version`, and
+    commands that never touch the database, do not pay for psycopg and the rest."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):
+            # Probes by tools walking the namespace (`__file__`, `__path__`) import nothing.
+            raise AttributeError(attribute)
+        if self._module is None:
+            self._module = importlib.import_module(self.__name__)
+        return getattr(self._module, attribute)
+
+
+if TYPE_CHECKING:
+    from syncctl import config, db, incremental, jobs, migrate, operations, progress, queue, reports
+else:
+    config = _Later("syncctl.config")
+    db = _Later("syncctl.db")
+    incremental = _Later("syncctl.incremental")
+    jobs = _Later("syncctl.jobs")
+    migrate = _Later("syncctl.migrate")
+    operations = _Later("syncctl.operations")
+    progress = _Later("syncctl.progress")
+    queue = _Later("syncctl.queue")
+    reports = _Later("syncctl.reports")
 
 log = logging.getLogger(__name__)
 
 _VERBOSE = "syncctl.verbose"
 _MIN_LEASE = timedelta(seconds=5)
+_RECOMMENDED_LEASE = timedelta(seconds=15)  # docs/operations.md, "Sizing leases"
 _RECENT_JOBS = 20
 _WATCH_INTERVAL = 1.0
 # The URL of the database this invocation uses, so an error quoting it can be scrubbed.
@@ -91,21 +117,31 @@ def _exit_code_for(exc: Exception, *, verbose: bool) -> int:
     url = _database_url.get()
 
     def scrub(text: str) -> str:
-        return scrub_secrets(text, url) if url else text
+        return config.scrub_secrets(text, url) if url else text
+
+    from syncctl.mailsource import MailboxNotFound
 
     if isinstance(exc, SyncctlError):
         _error(scrub(exc.message))
         return exc.exit_code
+    if isinstance(exc, MailboxNotFound):
+        # A mailbox Graph does not know is bad input (the store's address), not Graph failing.
+        _error(scrub(_first_line(str(exc))))
+        return BadInput.exit_code
     if isinstance(exc, MailSourceError):
         _error(f"The mail service failed: {scrub(_first_line(str(exc)))}")
         return MailSourceUnavailable.exit_code
-    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction):
+    # A database error can only come from a command that loaded psycopg.
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None and isinstance(
+        exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
+    ):
         _error(
             f"The database has no syncctl schema ({scrub(_first_line(str(exc)))}); "
             "run `syncctl db migrate` first."
         )
         return DatabaseUnavailable.exit_code
-    if isinstance(exc, psycopg.Error):
+    if psycopg is not None and isinstance(exc, psycopg.Error):
         _error(f"The database refused the request: {scrub(_first_line(str(exc)))}")
         return DatabaseUnavailable.exit_code
     if verbose:
@@ -115,6 +151,11 @@ def _exit_code_for(exc: Exception, *, verbose: bool) -> int:
         + ("" if verbose else " (run with -v for the traceback)")
     )
     return 1
+
+
+def _count(number: int, noun: str) -> str:
+    """ "1 chunk", "3 chunks"."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _error(text: str) -> None:
@@ -240,7 +281,7 @@ JobArgument = Annotated[str, typer.Argument(help="The job's id (see `syncctl sta
 
 
 def _target(database_url: str | None) -> DatabaseTarget:
-    target = resolve_database(database_url)
+    target = config.resolve_database(database_url)
     _database_url.set(target.url)
     log.debug("database %s (from %s)", target.masked_url, target.source)
     return target
@@ -251,18 +292,19 @@ def _connect(database_url: str | None, *, check: bool = True) -> Iterator[Connec
     """A connection to the database; with check, refused (exit 3) unless its schema
     is exactly the one this syncctl ships."""
     target = _target(database_url)
-    with connection(target) as conn:
+    with db.connection(target) as conn:
         if check:
-            check_schema(conn, target.masked_url)
+            migrate.check_schema(conn, target.masked_url)
         yield conn
 
 
-def _mail_source(target: DatabaseTarget) -> MailSource:
-    """The mail service for counting and syncing (Microsoft Graph)."""
+def _mail_source(target: DatabaseTarget, *, worker: bool = False) -> MailSource:
+    """The mail service for counting and syncing (Microsoft Graph). worker: for
+    `run`, which waits out refused connections instead of failing at once."""
     # Imported here so only commands that talk to Graph load the client.
     from syncctl.graph import open_mail_source
 
-    return open_mail_source(target)
+    return open_mail_source(target, worker=worker)
 
 
 def _close(source: MailSource) -> None:
@@ -325,13 +367,16 @@ class _MailSourceOnDemand:
         return self._delta().delta_page(mailbox, folder_id, link)
 
 
-def _job_id(text: str) -> UUID:
-    try:
-        return UUID(text.strip())
-    except ValueError:
-        raise BadInput(
-            f"{text!r} is not a job id; job ids are UUIDs, listed by `syncctl status`."
-        ) from None
+def _job_id(text: str) -> UUID | str:
+    """A job id or a unique prefix of one, as typed (checked before connecting);
+    _resolved_job finds the job."""
+    return operations.job_reference(text)
+
+
+def _resolved_job(conn: Connection, reference: UUID | str) -> UUID:
+    """The job a _job_id names: a prefix must match exactly one (else bad input that
+    lists the candidates)."""
+    return operations.resolve_job(conn, reference)
 
 
 def _confirm(question: str, *, flag_hint: str) -> bool:
@@ -352,7 +397,7 @@ def _confirm(question: str, *, flag_hint: str) -> bool:
 def db_migrate(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
     """Create or upgrade syncctl's tables and functions (safe to run on every deploy)."""
     with _connect(database_url, check=False) as conn:
-        applied = apply_migrations(conn)
+        applied = migrate.migrate(conn)
     if as_json:
         output.emit_json({"applied": applied})
     elif applied:
@@ -367,7 +412,7 @@ def db_migrate(database_url: DatabaseUrl = None, as_json: AsJson = False) -> Non
 def db_status(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
     """Show which database is in use (password masked) and its migrations."""
     target = _target(database_url)
-    with connection(target) as conn:
+    with db.connection(target) as conn:
         status = reports.database_status(conn, target)
     if as_json:
         output.emit_json(status)
@@ -422,6 +467,7 @@ def db_stop(as_json: AsJson = False) -> None:
 
 @store_app.command("add")
 def store_add(
+    *,
     name: Annotated[str, typer.Option("--name", help="A name for people to read.")],
     email: Annotated[
         str, typer.Option("--email", help="The mailbox: its Graph user id or address.")
@@ -429,37 +475,120 @@ def store_add(
     business: Annotated[
         str | None, typer.Option("--business", help="The business id (a UUID) it belongs to.")
     ] = None,
+    no_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-check",
+            help="Register it without asking Graph whether the mailbox exists (offline, or "
+            "before Graph access is configured). Default: ask, and refuse an unknown mailbox.",
+        ),
+    ] = False,
     database_url: DatabaseUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Register a mailbox to sync."""
+    """Register a mailbox to sync, once Graph says it exists (one request)."""
+    from syncctl.mailsource import MailboxCheck
+
     business_id = None
     if business is not None:
         try:
             business_id = UUID(business.strip())
         except ValueError:
             raise BadInput(f"--business takes a UUID, not {business!r}.") from None
-    with _connect(database_url) as conn:
-        store = jobs.add_store(conn, name=name, email=email, business_id=business_id)
+    target = _target(database_url)
+    opened: list[MailSource] = []
+
+    def ask_graph(mailbox: str) -> None:
+        # Opened only once the input is valid: bad input needs no credentials.
+        try:
+            source = _mail_source(target)
+        except BadInput as exc:
+            raise BadInput(
+                f"{exc.message.rstrip('.')}; or pass --no-check to register {mailbox} "
+                "without asking Graph whether it exists."
+            ) from None
+        opened.append(source)
+        if not isinstance(source, MailboxCheck):
+            raise BadInput("This mail source cannot look a mailbox up; pass --no-check.")
+        source.check_mailbox(mailbox)
+
+    with db.connection(target) as conn:
+        migrate.check_schema(conn, target.masked_url)
+        try:
+            store = jobs.add_store(
+                conn,
+                name=name,
+                email=email,
+                business_id=business_id,
+                check_mailbox=None if no_check else ask_graph,
+            )
+        finally:
+            for source in opened:
+                _close(source)
     if as_json:
         output.emit_json(store)
     else:
         output.details(store)
 
 
+Limit = Annotated[
+    int | None,
+    typer.Option(
+        "--limit",
+        help=f"Show at most this many, newest first (default {output.DEFAULT_LIMIT}).",
+        show_default=False,
+    ),
+]
+
+
+def _limit(limit: int | None) -> int:
+    if limit is None:
+        return output.DEFAULT_LIMIT
+    if limit < 1:
+        raise BadInput(f"--limit must be at least 1, not {limit}.")
+    return limit
+
+
+def _showing(shown: int, total: int) -> None:
+    if shown < total:
+        output.message(f"showing {shown} of {total}; --limit to see more")
+
+
 @store_app.command("list")
-def store_list(database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
-    """List the registered mailboxes and their active job."""
+def store_list(
+    search: Annotated[
+        str | None,
+        typer.Option("--search", help="Only stores whose email or name holds this (any case)."),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only stores added within this, e.g. 7d.")
+    ] = None,
+    limit: Limit = None,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List the registered mailboxes, newest first, and their active job."""
+    search = search or None
+    added_within = parse_duration(since, option="--since") if since is not None else None
+    shown = _limit(limit)
     with _connect(database_url) as conn:
-        stores = jobs.list_stores(conn)
+        page = reports.stores(conn, search=search, since=added_within, limit=shown)
     if as_json:
-        output.emit_json({"stores": stores})
+        output.emit_json({"stores": page.rows, "total": page.total, "limit": page.limit})
         return
-    if not stores:
-        output.message("No stores yet; add one with `syncctl store add`.")
+    if not page.rows:
+        if search is None and since is None:
+            output.message("No stores yet; add one with `syncctl store add`.")
+        else:
+            given = {"--search": search, "--since": since}
+            output.message(
+                "No store matches "
+                + " and ".join(f"{flag} {value!r}" for flag, value in given.items() if value)
+                + "."
+            )
         return
     output.table(
-        stores,
+        page.rows,
         {
             "id": "id",
             "name": "name",
@@ -468,6 +597,7 @@ def store_list(database_url: DatabaseUrl = None, as_json: AsJson = False) -> Non
             "active_job_id": "active job",
         },
     )
+    _showing(len(page.rows), page.total)
 
 
 # jobs
@@ -538,8 +668,8 @@ def create(
     sync_type = sync_type.strip()
     if not sync_type:
         raise BadInput("--type is empty; leave it out for a manual sync.")
-    incremental = sync_type == INCREMENTAL
-    if incremental:
+    is_incremental = sync_type == incremental.INCREMENTAL
+    if is_incremental:
         for option, given in (
             ("--from", received_from),
             ("--to", received_to),
@@ -562,8 +692,8 @@ def create(
         "force": force,
     }
     target = _target(database_url)
-    with connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
-        check_schema(conn, target.masked_url)
+    with db.connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
+        migrate.check_schema(conn, target.masked_url)
         if every_store:
             enqueued = _create_for_due_stores(
                 conn,
@@ -573,9 +703,11 @@ def create(
                 window=(window_from, window_to, chunk_size),
                 options=options,
             )
-        elif incremental:
+        elif is_incremental:
             assert store is not None
-            created_incremental = create_incremental_job(conn, source, store_ref=store, **options)
+            created_incremental = incremental.create_incremental_job(
+                conn, source, store_ref=store, **options
+            )
         else:
             assert store is not None
             created = jobs.create_job(
@@ -590,7 +722,7 @@ def create(
             )
     if every_store:
         _show_enqueued(enqueued, sync_type=sync_type, older_than=older_than, as_json=as_json)
-    elif incremental:
+    elif is_incremental:
         _show_incremental_job(created_incremental, as_json=as_json)
     else:
         _show_full_job(created, as_json=as_json)
@@ -608,8 +740,8 @@ def _create_for_due_stores(
     received_from, received_to, chunk_size = window
 
     def create_one(store_id: str) -> tuple[UUID, int]:
-        if sync_type == INCREMENTAL:
-            made = create_incremental_job(conn, source, store_ref=store_id, **options)
+        if sync_type == incremental.INCREMENTAL:
+            made = incremental.create_incremental_job(conn, source, store_ref=store_id, **options)
             return made.job_id, len(made.chunks)
         full = jobs.create_job(
             conn,
@@ -623,8 +755,8 @@ def _create_for_due_stores(
         )
         return full.job_id, len(full.chunks)
 
-    stores = due_stores(conn, sync_type=sync_type, older_than=older_than)
-    return enqueue_due(conn, stores, create_one)
+    stores = incremental.due_stores(conn, sync_type=sync_type, older_than=older_than)
+    return incremental.enqueue_due(conn, stores, create_one)
 
 
 def _show_enqueued(
@@ -675,7 +807,7 @@ def _show_incremental_job(created: CreatedIncrementalJob, *, as_json: bool) -> N
         output.emit_json(
             {
                 "job_id": created.job_id,
-                "type": INCREMENTAL,
+                "type": incremental.INCREMENTAL,
                 "store": created.store,
                 "parallel": created.parallel,
                 "chunks": created.chunks,
@@ -689,7 +821,7 @@ def _show_incremental_job(created: CreatedIncrementalJob, *, as_json: bool) -> N
     output.details(
         {
             "job": created.job_id,
-            "type": INCREMENTAL,
+            "type": incremental.INCREMENTAL,
             "store": f"{created.store.email} ({created.store.id})",
             "folders": len(created.chunks),
             "full rounds": f"{full} (folders with no delta state yet)" if full else 0,
@@ -801,13 +933,20 @@ def run(
             f"--lease must be at least {format_duration(_MIN_LEASE)}, not {lease}: "
             "shorter leases expire between heartbeats."
         )
+    if lease_for < _RECOMMENDED_LEASE:
+        log.warning(
+            "--lease %s is below the %s docs/operations.md recommends: a database that "
+            "stalls for a third of it costs this worker its chunks",
+            lease,
+            format_duration(_RECOMMENDED_LEASE),
+        )
     if worker_id is not None and not worker_id.strip():
         raise BadInput("--worker-id is empty; leave it out for one made of the host name and pid.")
     target = _target(database_url)
-    with connection(target) as conn:
+    with db.connection(target) as conn:
         # A worker of another release would break the rules this schema's functions keep.
-        check_schema(conn, target.masked_url)
-    source = _mail_source(target)
+        migrate.check_schema(conn, target.masked_url)
+    source = _mail_source(target, worker=True)
     # Imported here: the worker loads only for `run`.
     from syncctl.worker import WorkerOptions, run_worker, tune_garbage_collector
 
@@ -851,7 +990,7 @@ def reap(
         return
     _reaped_table(reaped)
     verb = "Would reap" if dry_run else "Reaped"
-    output.message(f"{verb} {len(reaped)} chunk(s).")
+    output.message(f"{verb} {_count(len(reaped), 'chunk')}.")
 
 
 def _reaped_table(reaped: list[queue.ReapedChunk], *, err: bool = False) -> None:
@@ -871,41 +1010,140 @@ def _reaped_table(reaped: list[queue.ReapedChunk], *, err: bool = False) -> None
 
 @app.command()
 def status(
+    *,
     job: Annotated[
-        str | None, typer.Argument(help="A job's id, for its chunks and their attempts.")
+        str | None,
+        typer.Argument(
+            help="A job's id (or its first hex digits), for its chunks and their attempts."
+        ),
     ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="Show live progress bars until the jobs finish.")
     ] = False,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            help="Only jobs in this state: pending, processing, completed, failed or "
+            "cancelled (repeat it, or give a comma list).",
+            show_default=False,
+            metavar="STATE",
+        ),
+    ] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="Only the jobs of this store (id or email).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only jobs created within this, e.g. 24h.")
+    ] = None,
+    limit: Limit = None,
     database_url: DatabaseUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Show active and recent jobs, or one job with its chunks and their attempts."""
-    job_id = _job_id(job) if job is not None else None
+    """Show how many jobs are in each state, the ones that need attention and the newest
+    jobs; or one job with its chunks and their attempts."""
+    reference = _job_id(job) if job is not None else None
     if watch and as_json:
         raise BadInput("--watch draws progress bars; leave it out to get --json.")
+    listing = {"--state": state, "--store": store, "--since": since, "--limit": limit}
+    given = [flag for flag, value in listing.items() if value is not None]
+    if given and (watch or reference is not None):
+        raise BadInput(
+            f"{given[0]} narrows the list of jobs; leave it out with "
+            f"{'--watch' if watch else 'a job id'}."
+        )
+    states = _states(state or [])
+    created_within = parse_duration(since, option="--since") if since is not None else None
+    shown = _limit(limit)
     with _connect(database_url) as conn:
+        job_id = _resolved_job(conn, reference) if reference is not None else None
         if watch:
             progress.watch(conn, job_id=job_id, interval=_WATCH_INTERVAL)
         elif job_id is None:
+            of_store = jobs.find_store(conn, store) if store is not None else None
+            selection = reports.JobFilter(states, of_store.id if of_store else None, created_within)
             _show_jobs(
-                reports.jobs(conn, recent=_RECENT_JOBS),
-                reports.store_currency(conn),
+                reports.job_overview(conn, selection, limit=shown),
+                reports.stores_kept_current(conn, store_id=selection.store_id, limit=shown),
+                scope=_job_scope(of_store.email if of_store else None, since),
                 as_json=as_json,
             )
         else:
             _show_job(reports.job_report(conn, job_id), as_json=as_json)
 
 
+def _states(given: list[str]) -> tuple[str, ...]:
+    """--state values, each one state or a comma list, checked; in the order given."""
+    states: list[str] = []
+    for part in (p.strip().lower() for text in given for p in text.split(",")):
+        if part not in reports.JOB_STATES:
+            raise BadInput(
+                f"--state takes {', '.join(reports.JOB_STATES)} (or a comma list), not {part!r}."
+            )
+        if part not in states:
+            states.append(part)
+    return tuple(states)
+
+
+def _job_scope(store_email: str | None, since: str | None) -> str:
+    """How the summary line names the jobs it counts: "", " of a@x created within 1h"."""
+    return (f" of {store_email}" if store_email else "") + (
+        f" created within {since.strip()}" if since else ""
+    )
+
+
+# What a narrow terminal goes without first (job, store, status and created stay).
+_JOB_COLUMNS_LEFT_OUT_FIRST = (
+    "synced_through",
+    "chunks_failed",
+    "sync_type",
+    "messages",
+    "last_error",
+    "chunks",
+)
+_ATTENTION_COLUMNS = {
+    "job_id": "job",
+    "store_email": "store",
+    "status": "status",
+    "stuck_chunks": "stuck chunks",
+    "created_at": "created",
+    "last_error": "last error",
+}
+
+
 def _show_jobs(
-    rows: list[dict[str, Any]], currency: list[dict[str, Any]], *, as_json: bool
+    overview: reports.JobOverview,
+    currency: reports.Page,
+    *,
+    scope: str = "",
+    as_json: bool,
 ) -> None:
+    in_scope = sum(overview.by_state.values())
     if as_json:
-        output.emit_json({"jobs": rows, "stores_kept_current": currency})
+        output.emit_json(
+            {
+                "jobs": overview.jobs,
+                "stores_kept_current": currency.rows,
+                "summary": {
+                    "by_state": overview.by_state,
+                    "total": in_scope,
+                    "needs_attention": overview.attention,
+                    "needs_attention_total": overview.attention_total,
+                    "jobs_with_stuck_chunks": overview.stuck_jobs,
+                },
+                "total": overview.total,
+                "limit": overview.limit,
+                "stores_kept_current_total": currency.total,
+            }
+        )
         return
-    if not rows:
+    if not in_scope and not scope:
         output.message("No jobs yet; create one with `syncctl create`.")
     else:
+        _show_job_summary(overview, scope=scope, in_scope=in_scope)
+    if overview.jobs:
+        typer.echo()
+        failed = any(row["status"] == "failed" for row in overview.jobs)
         output.table(
             [
                 {
@@ -913,7 +1151,7 @@ def _show_jobs(
                     "chunks": f"{row['chunks_done']}/{row['total_chunks']}",
                     "messages": f"{row['emails_synced']}/{row['estimated_emails'] or 0}",
                 }
-                for row in rows
+                for row in overview.jobs
             ],
             {
                 "job_id": "job",
@@ -925,9 +1163,15 @@ def _show_jobs(
                 "messages": "messages",
                 "synced_through": "synced through",
                 "created_at": "created",
+                **({"last_error": "last error"} if failed else {}),
             },
+            title="Jobs, newest first",
+            optional=_JOB_COLUMNS_LEFT_OUT_FIRST,
         )
-    if currency:
+        _showing(len(overview.jobs), overview.total)
+    elif in_scope:
+        output.message("No job matches --state.")
+    if currency.rows:
         typer.echo()
         output.table(
             [
@@ -935,7 +1179,7 @@ def _show_jobs(
                     **store,
                     "behind": format_duration(store["behind"]) if store["behind"] else "",
                 }
-                for store in currency
+                for store in currency.rows
             ],
             {
                 "email": "store",
@@ -945,7 +1189,32 @@ def _show_jobs(
                 "behind": "behind",
                 "newest_round_at": "newest folder round",
             },
-            title="Stores kept current (incremental rounds)",
+            title="Stores kept current (incremental rounds), furthest behind first",
+        )
+        _showing(len(currency.rows), currency.total)
+
+
+def _show_job_summary(overview: reports.JobOverview, *, scope: str, in_scope: int) -> None:
+    """The jobs by state, then the ones that need attention (on stdout: they are data)."""
+    counts = ", ".join(f"{n} {state}" for state, n in overview.by_state.items())
+    output.line(f"Jobs{scope}: {counts} ({in_scope} in all).")
+    if not overview.attention:
+        output.line("Nothing needs attention: no job failed, no chunk is stuck.")
+        return
+    typer.echo()
+    output.table(
+        overview.attention,
+        _ATTENTION_COLUMNS,
+        optional=("created_at", "stuck_chunks"),
+        title=(
+            f"Needs attention: {overview.attention_total - overview.stuck_jobs} failed, "
+            f"{overview.stuck_jobs} with stuck chunks"
+        ),
+    )
+    if len(overview.attention) < overview.attention_total:
+        output.message(
+            f"showing {len(overview.attention)} of {overview.attention_total} that need "
+            "attention; `syncctl status --state failed` lists the failed jobs"
         )
 
 
@@ -953,7 +1222,8 @@ def _show_job(report: reports.JobReport, *, as_json: bool) -> None:
     if as_json:
         output.emit_json({"job": report.job, "chunks": report.chunks})
         return
-    output.details(report.job)
+    # No sync_from: the window starts at the mailbox's first message, as `create` says.
+    output.details({**report.job, "sync_from": report.job["sync_from"] or "the first message"})
     typer.echo()
     # Incremental jobs have a chunk per folder; jobs created before time
     # windows have offset chunks.
@@ -1061,10 +1331,19 @@ def list_stuck(
     else:
         output.message(f"No chunk is stuck (processing for over {older_than}, or past its lease).")
     if check and stuck:
-        raise CheckFailed(
-            f"{len(stuck)} chunk(s) stuck; `syncctl reset-stuck --older-than {older_than}` "
-            "puts them back."
-        )
+        expired = sum(chunk["reason"] == "lease expired" for chunk in stuck)
+        cmd = command_name()
+        if expired == len(stuck):
+            # Past their lease: what the reaper is for, and nothing to decide.
+            hint = f"`{cmd} reap` puts them back (workers and cron do it by themselves)"
+        elif expired:
+            hint = (
+                f"`{cmd} reap` puts back the {expired} past their lease, and "
+                f"`{cmd} reset-stuck --older-than {older_than}` the others"
+            )
+        else:
+            hint = f"`{cmd} reset-stuck --older-than {older_than}` puts them back"
+        raise CheckFailed(f"{_count(len(stuck), 'chunk')} stuck; {hint}.")
 
 
 @app.command("reset-stuck")
@@ -1087,7 +1366,7 @@ def reset_stuck(
             if not yes:
                 _reaped_table(stuck, err=True)
                 if not _confirm(
-                    f"Reset these {len(stuck)} chunk(s)?",
+                    f"Reset {'this chunk' if len(stuck) == 1 else f'these {len(stuck)} chunks'}?",
                     flag_hint="pass --yes to reset them, or --dry-run to only look",
                 ):
                     output.message("Nothing changed.")
@@ -1101,9 +1380,9 @@ def reset_stuck(
     if not stuck:
         output.message(f"No chunk is stuck (processing for over {older_than}, or past its lease).")
     elif changed:
-        output.message(f"Reset {len(stuck)} chunk(s).")
+        output.message(f"Reset {_count(len(stuck), 'chunk')}.")
     else:
-        output.message(f"Dry run: would reset {len(stuck)} chunk(s); nothing changed.")
+        output.message(f"Dry run: would reset {_count(len(stuck), 'chunk')}; nothing changed.")
 
 
 # jobs: retry and cancel
@@ -1119,26 +1398,29 @@ def retry(
     as_json: AsJson = False,
 ) -> None:
     """Requeue a job's failed (and cancelled) chunks with fresh attempts."""
-    job_id = _job_id(job)
+    reference = _job_id(job)
     with _connect(database_url) as conn:
+        job_id = _resolved_job(conn, reference)
         retried = operations.retry_job(conn, job_id, chunk_index=chunk)
     if as_json:
         output.emit_json(retried)
         return
     chunks = ", ".join(str(i) for i in retried.chunk_indexes)
-    output.message(f"Requeued chunk(s) {chunks} of job {job_id}; the job is {retried.status}.")
+    which = "chunk" if len(retried.chunk_indexes) == 1 else "chunks"
+    output.message(f"Requeued {which} {chunks} of job {job_id}; the job is {retried.status}.")
 
 
 @app.command()
 def cancel(job: JobArgument, database_url: DatabaseUrl = None, as_json: AsJson = False) -> None:
     """Cancel a job; a worker running one of its chunks is stopped at its next page."""
-    job_id = _job_id(job)
+    reference = _job_id(job)
     with _connect(database_url) as conn:
+        job_id = _resolved_job(conn, reference)
         cancelled = operations.cancel_job(conn, job_id, reason="cancelled by operator")
     if as_json:
         output.emit_json({"job_id": job_id, "cancelled_chunks": cancelled})
         return
-    output.message(f"Cancelled job {job_id} ({cancelled} unfinished chunk(s)).")
+    output.message(f"Cancelled job {job_id} ({_count(cancelled, 'unfinished chunk')}).")
 
 
 # maintenance
@@ -1163,7 +1445,7 @@ def success_rate(
     database_url: DatabaseUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Count chunks by status, with percentages; the success rate is completed / finished."""
+    """Count chunks by status; the success rate is completed / (completed + failed)."""
     period = parse_duration(since, option="--since")
     if check and min_rate is None:
         raise BadInput("--check needs --min-rate PCT, e.g. --check --min-rate 95.")
@@ -1186,13 +1468,26 @@ def success_rate(
             }
         )
     elif result.statuses:
-        output.table(result.statuses, {"status": "status", "count": "count", "percentage": "%"})
+        output.table(
+            result.statuses,
+            {"status": "status", "count": "count", "percentage": "% of finished"},
+        )
     if result.rate is None:
         output.message(f"No chunk created in the last {since} has finished yet.")
     else:
+        others = sum(int(row["count"]) for row in result.statuses) - (
+            result.completed + result.failed
+        )
+        finished = _count(result.completed + result.failed, "finished chunk")
         output.message(
-            f"Success rate: {result.rate:.2f}% of {result.completed + result.failed} "
-            f"finished chunk(s) created in the last {since} completed."
+            f"Success rate: {result.rate:.2f}% of the {finished} created in the last "
+            f"{since} completed (completed / (completed + failed))"
+            + (
+                f"; {_count(others, 'other chunk')} (pending, processing or cancelled) "
+                f"{'is' if others == 1 else 'are'} not counted."
+                if others
+                else "."
+            )
         )
     if below:
         raise CheckFailed(f"The success rate {result.rate:.2f}% is below {min_rate:g}%.")
@@ -1444,7 +1739,7 @@ def _demo_reports(target: DatabaseTarget, since: str) -> None:
         ),
     ]
     for command, show in reports_shown:
-        output.message(f"\n$ syncctl {command}")
+        output.message(f"\n$ {command_name()} {command}")
         show()
 
 

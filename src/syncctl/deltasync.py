@@ -32,6 +32,7 @@ from psycopg.types.json import Jsonb
 
 from syncctl.cleantext import clean_json
 from syncctl.db import Connection, query
+from syncctl.errors import clause
 from syncctl.ingest import LeaseLost, page_json
 from syncctl.mailsource import DeltaPage, DeltaSource, DeltaStateLost, FolderGone, MailSourceError
 from syncctl.queue import Chunk
@@ -98,7 +99,10 @@ def run_round(
             if restarted or (position.full and position.link is None):
                 # Refused at a full round's start, or again within the round this
                 # attempt started: starting over once more would not end.
-                raise MailSourceError(f"{exc} (again, within a full round)") from None
+                raise MailSourceError(
+                    f"{clause(str(exc))}, again within the full round this attempt started; "
+                    "the chunk is tried again later"
+                ) from None
             restarted = True
             log.warning("%s; running a full round of the folder instead", exc)
             _restart_full(conn, chunk, position, reason=str(exc), lease=lease)

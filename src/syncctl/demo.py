@@ -36,6 +36,7 @@ from syncctl.errors import BadInput, CheckFailed
 from syncctl.fakegraph import FakeGraphServer, serve
 from syncctl.graph import GraphMailSource, GraphSettings, MailboxSlots
 from syncctl.incremental import create_incremental_job
+from syncctl.invocation import command_name
 from syncctl.mailsource import MAILBOX_CONCURRENCY
 from syncctl.migrate import migrate
 
@@ -580,7 +581,7 @@ def _problems(conn: Connection, job_ids: Mapping[str, UUID], demo: _RunningDemo)
         if row["status"] != expected:
             problems.append(
                 f"The job of {mailbox.email} is {row['status']}, not {expected}; "
-                f"see `syncctl status {row['job_id']}` and the worker logs in "
+                f"see `{command_name()} status {row['job_id']}` and the worker logs in "
                 f"{demo.workers[0].log.parent}."
             )
         elif not mailbox.deleted and stored.get(mailbox.email, 0) < mailbox.messages:
@@ -604,7 +605,7 @@ def _problems(conn: Connection, job_ids: Mapping[str, UUID], demo: _RunningDemo)
     elif not any(a["outcome"] == "completed" for a in _after_reaped(_history(conn, kill), kill)):
         problems.append(
             f"Chunk {kill.chunk_index} of {kill.store} was not reaped and completed after its "
-            f"worker was killed; see `syncctl status {kill.job_id}`."
+            f"worker was killed; see `{command_name()} status {kill.job_id}`."
         )
     return problems
 
@@ -766,12 +767,13 @@ def _explain(target: DatabaseTarget, job_ids: Mapping[str, UUID], problems: Sequ
     output.message(f"\n{outcome}.")
     for problem in problems:
         output.message(f"  - {problem}")
+    cmd = command_name()
     output.message(
         f"Its data stays in {where}; explore it with "
-        f"`syncctl status{flag}`, `syncctl status {victim_job}{flag}` (the killed worker's "
-        f"chunk: reaped, then completed), `syncctl problem-stores{flag}`, "
-        f"`syncctl status {deleted_job}{flag}` (failed for good: the mailbox is gone), "
-        f"`syncctl list-stuck{flag}` and `syncctl db status{flag}`. `syncctl demo` runs it "
-        "again; `syncctl demo --reset` first deletes the sample stores with their jobs and "
+        f"`{cmd} status{flag}`, `{cmd} status {victim_job}{flag}` (the killed worker's "
+        f"chunk: reaped, then completed), `{cmd} problem-stores{flag}`, "
+        f"`{cmd} status {deleted_job}{flag}` (failed for good: the mailbox is gone), "
+        f"`{cmd} list-stuck{flag}` and `{cmd} db status{flag}`. `{cmd} demo` runs it "
+        f"again; `{cmd} demo --reset` first deletes the sample stores with their jobs and "
         f"mail (addresses ending in {DEMO_SUFFIX}), nothing else."
     )

@@ -52,9 +52,10 @@ def stop_embedded(home: Path) -> int | None:
     pgdata = home / "pgdata"
     try:
         pid = int((pgdata / "postmaster.pid").read_text(encoding="ascii").split()[0])
-        os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
-        return None  # no pid file, an unreadable one, or a server long gone
+        return None  # no pid file, or an unreadable one
+    if not process_running(pid):
+        return None  # a server long gone (crashed, or the machine restarted)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
         from pgserver import pg_ctl
@@ -68,3 +69,16 @@ def stop_embedded(home: Path) -> int | None:
             f"{pgdata / 'log'}."
         ) from None
     return pid
+
+
+def process_running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie has)."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: the signal said it exists

@@ -42,3 +42,9 @@ class MailSourceUnavailable(SyncctlError):
     """The mail service could not be reached or refused the credentials."""
 
     exit_code = 3
+
+
+def clause(text: str) -> str:
+    """Quoted text (a service's message, another error) to go on with a sentence
+    of ours: without the full stop that ends it, so ours never doubles one."""
+    return text.strip().rstrip(".").rstrip()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from difflib import SequenceMatcher
 from typing import Any
 from uuid import UUID
 
@@ -12,11 +14,14 @@ from psycopg.types.json import Jsonb
 
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
-from syncctl.mailsource import MAILBOX_CONCURRENCY, MailSource, Window
+from syncctl.mailsource import MAILBOX_CONCURRENCY, MailboxNotFound, MailSource, Window
 from syncctl.planning import PlannedChunk, chunk_size_for, plan_chunks
 
 # The range of a PostgreSQL integer column.
 _PG_INTEGER_MIN, _PG_INTEGER_MAX = -(2**31), 2**31 - 1
+# How alike (difflib's ratio, 0 to 1) a registered email must be to a store
+# reference that matches none to be offered instead.
+_CLOSE = 0.6
 
 
 @dataclass(frozen=True)
@@ -40,25 +45,47 @@ class CreatedJob:
 
 
 def add_store(
-    conn: Connection, *, name: str, email: str, business_id: UUID | None = None
+    conn: Connection,
+    *,
+    name: str,
+    email: str,
+    business_id: UUID | None = None,
+    check_mailbox: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Register a mailbox. An email already registered is refused."""
+    """Register a mailbox. An email already registered is refused; so, with
+    check_mailbox (asks the mail service, raises MailboxNotFound), is a mailbox
+    the mail service does not know. The input is checked before the service is
+    asked, and nothing is stored unless all is well."""
     email = email.strip()
     if "@" not in email or email.startswith("@") or email.endswith("@"):
         raise BadInput(f"{email!r} is not a mailbox address; give it as user@example.com.")
     if not name.strip():
         raise BadInput("The store name is empty; give one with --name.")
-    with conn.transaction():
-        existing = conn.execute(query("stores_by_email"), {"email": email}).fetchall()
-        if existing:
+    _refuse_registered(conn, email)
+    if check_mailbox is not None:
+        try:
+            check_mailbox(email)
+        except MailboxNotFound as exc:
             raise BadInput(
-                f"A store with email {email} exists already (id {existing[0]['id']}); use that one."
-            )
+                f"Mailbox {email} was not found in Graph ({exc.reason}); nothing was "
+                "stored: check the address, or pass --no-check to register it without "
+                "asking Graph."
+            ) from None
+    with conn.transaction():
+        _refuse_registered(conn, email)  # again: another `store add` may have won meanwhile
         row = conn.execute(
             query("add_store"), {"name": name.strip(), "email": email, "business_id": business_id}
         ).fetchone()
     assert row is not None
     return row
+
+
+def _refuse_registered(conn: Connection, email: str) -> None:
+    existing = conn.execute(query("stores_by_email"), {"email": email}).fetchall()
+    if existing:
+        raise BadInput(
+            f"A store with email {email} exists already (id {existing[0]['id']}); use that one."
+        )
 
 
 def list_stores(conn: Connection) -> list[dict[str, Any]]:
@@ -85,8 +112,33 @@ def find_store(conn: Connection, reference: str) -> Store:
             ) from None
         rows = conn.execute(query("store_by_id"), {"id": store_id}).fetchall()
     if not rows:
+        if "@" not in reference:
+            raise BadInput(f"No store {reference}; `syncctl store list` shows the stores.")
+        close = similar_emails(reference, [row["email"] for row in list_stores(conn)])
+        if close:
+            raise BadInput(f"No store {reference}; did you mean {_one_of(close)}?")
         raise BadInput(f"No store {reference}; add it with `syncctl store add` first.")
     return Store(**rows[0])
+
+
+def similar_emails(email: str, registered: list[str], most: int = 3) -> list[str]:
+    """Up to `most` of registered that email is likely a typo of, closest first:
+    the part before the @ must be alike as well as the whole, or every mailbox
+    of the same domain would look close."""
+    wanted = email.strip().lower()
+    local = wanted.partition("@")[0]
+    scored = []
+    for candidate in dict.fromkeys(e.strip() for e in registered if e and e.strip()):
+        other = candidate.lower()
+        whole = SequenceMatcher(None, wanted, other).ratio()
+        alike = SequenceMatcher(None, local, other.partition("@")[0]).ratio()
+        if whole >= _CLOSE and alike >= _CLOSE:
+            scored.append((-whole, -alike, candidate))
+    return [candidate for *_, candidate in sorted(scored)[:most]]
+
+
+def _one_of(options: list[str]) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
 
 
 def create_job(

@@ -111,6 +111,18 @@ class FolderGone(MailSourceError):
     """The folder no longer exists (deleted since the job was created)."""
 
 
+class MailboxNotFound(MailSourceError):
+    """The service does not know the mailbox (a mistyped address, a deleted user,
+    a user without a mailbox): bad input where a person named it, a failed job
+    (once, not per chunk) where a worker reads it. reason: the service's own
+    words, e.g. "404 ErrorInvalidUser: ..."."""
+
+    def __init__(self, message: str, *, mailbox: str, reason: str) -> None:
+        super().__init__(message, whole_mailbox=True)
+        self.mailbox = mailbox
+        self.reason = reason
+
+
 class Interrupted(MailSourceError):
     """A wait (for a request slot, a Retry-After, a backoff) was cut short
     because the caller is stopping; nothing is wrong with the mailbox."""
@@ -144,6 +156,16 @@ class MailSource(Protocol):
         """Stop waiting: from now on a wait for a request slot, a Retry-After or a
         backoff, in progress or to come, raises Interrupted at once. A request
         already sent is answered (or times out) as usual."""
+        ...
+
+
+@runtime_checkable
+class MailboxCheck(Protocol):
+    """A mail source that can tell whether a mailbox exists (one cheap request)."""
+
+    def check_mailbox(self, mailbox: str) -> None:
+        """Return when the service knows the mailbox; MailboxNotFound when it does
+        not; MailSourceError when it cannot be asked (unreachable, refused)."""
         ...
 
 

@@ -16,6 +16,7 @@ from uuid import UUID
 import psycopg.errors
 
 from syncctl.db import Connection, query
+from syncctl.durations import format_time
 from syncctl.errors import BadInput
 from syncctl.queue import ReapedChunk, reap
 
@@ -32,6 +33,72 @@ class RetriedJob:
 
 def unknown_job(job_id: UUID) -> BadInput:
     return BadInput(f"No job {job_id}; see `syncctl status` for job ids.")
+
+
+# A job id as typed: a whole UUID, or its first hex digits as git takes a commit's.
+MIN_PREFIX = 4
+# Candidates an ambiguous prefix lists.
+CANDIDATES_SHOWN = 10
+_DASHES = frozenset((8, 13, 18, 23))  # where the UUID text has its dashes
+_HEX = frozenset("0123456789abcdef")
+
+
+def job_reference(text: str) -> UUID | str:
+    """A job id as an operator typed it: a UUID, or a prefix of one (at least MIN_PREFIX
+    hex digits; with the dashes where the UUID text has them, or without any), returned
+    as its hex digits in lower case. Only the syntax is checked: resolve_job finds the job."""
+    typed = text.strip().lower()
+    try:
+        return UUID(typed)
+    except ValueError:
+        pass
+    if "-" in typed:
+        canonical = all(
+            (char == "-") if i in _DASHES else char in _HEX for i, char in enumerate(typed)
+        )
+    else:
+        canonical = len(typed) < 32 and set(typed) <= _HEX
+    digits = typed.replace("-", "")
+    if not canonical or not digits:
+        raise BadInput(
+            f"{text!r} is not a job id; job ids are UUIDs, listed by `syncctl status`, "
+            f"and their first {MIN_PREFIX} or more hex digits name one too."
+        )
+    if len(digits) < MIN_PREFIX:
+        raise BadInput(
+            f"{text!r} is too short for a job id prefix; give at least {MIN_PREFIX} hex "
+            "digits of the id `syncctl status` shows."
+        )
+    return digits
+
+
+def resolve_job(conn: Connection, reference: UUID | str) -> UUID:
+    """The job a reference from job_reference names. A whole UUID is taken as is (the
+    command then says if there is no such job); a prefix must match exactly one job."""
+    if isinstance(reference, UUID):
+        return reference
+    bounds = {
+        "low": UUID(reference.ljust(32, "0")),
+        "high": UUID(reference.ljust(32, "f")),
+        "limit": CANDIDATES_SHOWN,
+    }
+    rows = conn.execute(query("jobs_by_id_prefix"), bounds).fetchall()
+    if not rows:
+        raise BadInput(f"No job id starts with {reference}; see `syncctl status` for job ids.")
+    if len(rows) == 1:
+        job_id: UUID = rows[0]["id"]
+        return job_id
+    matches = rows[0]["matches"]
+    listed = "; ".join(
+        f"{row['id']} ({row['store_email'] or row['store_id']}, {row['status']}, created "
+        f"{format_time(row['created_at']) if row['created_at'] else 'at an unknown time'})"
+        for row in rows
+    )
+    more = f"; and {matches - len(rows)} more" if matches > len(rows) else ""
+    raise BadInput(
+        f"The job id prefix {reference} is ambiguous, {matches} jobs start with it: "
+        f"{listed}{more}; give more of the id."
+    )
 
 
 def cancel_job(conn: Connection, job_id: UUID, *, reason: str | None = None) -> int:

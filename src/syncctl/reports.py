@@ -16,10 +16,15 @@ from syncctl.config import DatabaseTarget
 from syncctl.db import Connection, query
 from syncctl.migrate import AppliedMigration, applied_migrations, pending_migrations
 from syncctl.operations import unknown_job
+from syncctl.output import DEFAULT_LIMIT
 
 ACTIVE = ("pending", "processing")
+JOB_STATES = ("pending", "processing", "completed", "failed", "cancelled")
 # A chunk processing for longer than this is stuck (the runbook's threshold).
 STUCK_AFTER = timedelta(minutes=5)
+# How many jobs (and stores) a listing shows unless told otherwise.
+# How many of the jobs that need attention the overview names.
+ATTENTION_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,39 @@ class JobReport:
 
     job: dict[str, Any]
     chunks: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a listing shows; empty or None: any."""
+
+    states: tuple[str, ...] = ()
+    store_id: UUID | None = None
+    since: timedelta | None = None  # created within
+
+
+@dataclass(frozen=True)
+class JobOverview:
+    """`status` without a job: the jobs by state and the ones that need attention (of the
+    filter's store and period, whatever their state), then one page of the jobs the filter
+    matches, newest first."""
+
+    by_state: dict[str, int]  # every state, 0 when none
+    attention: list[dict[str, Any]]  # jobs with stuck chunks, then failed jobs, newest first
+    attention_total: int
+    stuck_jobs: int  # of attention_total, the jobs with stuck chunks
+    jobs: list[dict[str, Any]]  # rows as job_rows returns them
+    total: int  # jobs the filter matches
+    limit: int
+
+
+@dataclass(frozen=True)
+class Page:
+    """At most `limit` rows of `total`."""
+
+    rows: list[dict[str, Any]]
+    total: int
+    limit: int | None
 
 
 @dataclass(frozen=True)
@@ -94,6 +132,45 @@ def job_rows(
     ).fetchall()
 
 
+def job_overview(
+    conn: Connection,
+    selection: JobFilter | None = None,
+    *,
+    limit: int = DEFAULT_LIMIT,
+    stuck_after: timedelta = STUCK_AFTER,
+) -> JobOverview:
+    """Jobs by state and those that need attention, then the newest `limit` jobs the
+    selection matches with their progress (see job_rows)."""
+    selection = selection or JobFilter()
+    scope = {"store_id": selection.store_id, "since": selection.since}
+    counts = {
+        row["status"]: row["jobs"]
+        for row in conn.execute(query("report_job_states"), scope).fetchall()
+    }
+    attention = conn.execute(
+        query("report_jobs_needing_attention"),
+        {**scope, "stuck_after": stuck_after, "limit": ATTENTION_SHOWN},
+    ).fetchall()
+    page = conn.execute(
+        query("report_job_page"),
+        {**scope, "states": list(selection.states) or None, "limit": limit},
+    ).fetchall()
+    order = {row["job_id"]: i for i, row in enumerate(page)}
+    rows = job_rows(conn, job_ids=order, stuck_after=stuck_after) if order else []
+    return JobOverview(
+        by_state={state: counts.get(state, 0) for state in JOB_STATES},
+        attention=[
+            {key: value for key, value in row.items() if key not in ("total", "stuck_total")}
+            for row in attention
+        ],
+        attention_total=attention[0]["total"] if attention else 0,
+        stuck_jobs=attention[0]["stuck_total"] if attention else 0,
+        jobs=sorted(rows, key=lambda row: order[row["job_id"]]),
+        total=page[0]["total"] if page else 0,
+        limit=limit,
+    )
+
+
 def job_report(conn: Connection, job_id: UUID) -> JobReport:
     """A job, all its chunks, and every attempt of each chunk."""
     job = conn.execute(query("report_job"), {"job_id": job_id}).fetchone()
@@ -147,7 +224,38 @@ def problem_stores(
 
 def store_currency(conn: Connection) -> list[dict[str, Any]]:
     """Stores kept current by incremental jobs: folders, oldest and newest last round."""
-    return conn.execute(query("report_store_currency")).fetchall()
+    return stores_kept_current(conn).rows
+
+
+def stores_kept_current(
+    conn: Connection, *, store_id: UUID | None = None, limit: int | None = None
+) -> Page:
+    """store_currency, of one store when store_id is given, the `limit` furthest behind."""
+    rows = conn.execute(
+        query("report_store_currency"), {"store_id": store_id, "limit": limit}
+    ).fetchall()
+    total = rows[0]["total"] if rows else 0
+    return Page([_without_total(row) for row in rows], total, limit)
+
+
+def stores(
+    conn: Connection,
+    *,
+    search: str | None = None,
+    since: timedelta | None = None,
+    limit: int | None = DEFAULT_LIMIT,
+) -> Page:
+    """Registered stores, newest first, with their active job ("active_job_id"): those whose
+    email or name holds `search` (any case), added within `since`, at most `limit`."""
+    rows = conn.execute(
+        query("report_stores"), {"search": search or None, "since": since, "limit": limit}
+    ).fetchall()
+    total = rows[0]["total"] if rows else 0
+    return Page([_without_total(row) for row in rows], total, limit)
+
+
+def _without_total(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != "total"}
 
 
 def database_status(conn: Connection, target: DatabaseTarget) -> DatabaseStatus:

@@ -23,6 +23,9 @@ class TokenError(Exception):
 
 
 class TokenProvider(Protocol):
+    # Whether refresh can give a token other than the one Graph refused.
+    renewable: bool
+
     def token(self) -> str:
         """A bearer token that is valid now."""
         ...
@@ -34,6 +37,8 @@ class TokenProvider(Protocol):
 
 class StaticToken:
     """SYNCCTL_GRAPH_TOKEN, used as is: it cannot be renewed."""
+
+    renewable = False
 
     def __init__(self, token: str) -> None:
         self._token = token
@@ -61,6 +66,8 @@ class MsalTokens:
     keys): `refresh` then starts a new app, so msal's own cache cannot hand
     the same token back.
     """
+
+    renewable = True
 
     def __init__(
         self,

@@ -3,14 +3,19 @@ and the retries Graph's answers allow.
 
 - a bearer token: SYNCCTL_GRAPH_TOKEN as is, or an app-only token from msal
   (client credentials), cached and renewed before it expires; a 401 renews
-  it once, a second 401 fails the chunk for good;
+  it once (a fixed token cannot be renewed: it is sent once more, in case the
+  refusal was passing), a second 401 fails the chunk for good;
 - one of the mailbox's four request slots in PostgreSQL while the request
   is in flight, so every worker on every host together stays within Graph's
   per-mailbox limit;
 - a bounded number of tries: 429, 503 and 504 after the Retry-After Graph
   gives (capped), other 5xx, resets and timeouts after an exponential
-  backoff with jitter. 404 (no such mailbox), 403 and other refusals fail at
-  once, as permanent errors.
+  backoff with jitter. 404 (no such mailbox: MailboxNotFound), 403 and other
+  refusals fail at once, as permanent errors. A connection refused (nothing
+  listening, no such host) fails at once too, naming the URL: Graph is not
+  where SYNCCTL_GRAPH_URL says, and waiting will not bring it there;
+- a request with no answer after settings.slow_request_notice seconds is
+  logged once, so a hang shows while it lasts, not only when it times out.
 
 No token or secret is ever part of a message, a log line or a repr.
 """
@@ -27,15 +32,18 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import partial
 from urllib.parse import quote, urlsplit
 
 import httpx
 
 from syncctl import __version__, metrics
+from syncctl.errors import clause
 from syncctl.graph.auth import TokenError, TokenProvider, token_provider
 from syncctl.graph.settings import CREDENTIALS_HINT, GraphSettings
 from syncctl.graph.slots import MailboxSlots
-from syncctl.mailsource import Interrupted, MailSourceError, NextLinkExpired
+from syncctl.graph.waiting import SlowRequests
+from syncctl.mailsource import Interrupted, MailboxNotFound, MailSourceError, NextLinkExpired
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +93,7 @@ class GraphClient:
             transport=transport,
         )
         self._origin = origin(settings.url)
+        self._slow = SlowRequests(settings.slow_request_notice)
 
     def __repr__(self) -> str:
         return f"GraphClient(url={self.settings.url!r})"
@@ -96,6 +105,7 @@ class GraphClient:
             self._slots.interrupt()
 
     def close(self) -> None:
+        self._slow.close()
         self._client.close()
         if self._slots is not None:
             self._slots.close()
@@ -181,7 +191,7 @@ class GraphClient:
             self._pause(mailbox, wait)
         raise MailSourceError(
             f"Graph request for mailbox {mailbox} gave up after {tries} "
-            f"{'try' if tries == 1 else 'tries'}; last: {problem}."
+            f"{'try' if tries == 1 else 'tries'}; last: {clause(problem)}."
         )
 
     def _wait_or_raise(
@@ -229,22 +239,44 @@ class GraphClient:
         params: dict[str, str] | None,
         headers: dict[str, str],
     ) -> Reply:
-        """Send with the current token; on 401 once more with a renewed one."""
+        """Send with the current token; on 401 once more, with a renewed token
+        where it can be renewed (msal), else with the same fixed token."""
         token = self._token(mailbox, None)
         reply = self._send(mailbox, url, params, headers, token)
         if reply.status != 401:
             return reply
-        log.info(
-            "Graph answered 401 for mailbox %s; renewing the token and trying once more", mailbox
-        )
+        renewable = self._tokens.renewable
+        if renewable:
+            log.info(
+                "Graph refused the app token for mailbox %s (%s); renewing it and trying once more",
+                mailbox,
+                self.scrub(describe(reply)),
+            )
+        else:
+            log.warning(
+                "Graph refused the credentials for mailbox %s (%s): SYNCCTL_GRAPH_TOKEN is a "
+                "fixed token, which syncctl cannot renew; sending it once more only in case "
+                "the refusal was passing",
+                mailbox,
+                self.scrub(describe(reply)),
+            )
         token = self._token(mailbox, token)
         reply = self._send(mailbox, url, params, headers, token)
         if reply.status == 401:
-            raise MailSourceError(
-                f"The credentials were refused by Graph for mailbox {mailbox} "
-                f"({describe(reply)}); {CREDENTIALS_HINT}.",
-                permanent=True,
-            )
+            what = self.scrub(describe(reply))
+            if renewable:
+                message = (
+                    f"The credentials were refused by Graph for mailbox {mailbox} even with a "
+                    f"renewed token ({what}); {CREDENTIALS_HINT}."
+                )
+            else:
+                message = (
+                    f"The credentials were refused by Graph for mailbox {mailbox} ({what}): "
+                    "SYNCCTL_GRAPH_TOKEN is a fixed token, which syncctl cannot renew; set a "
+                    "valid one, or SYNCCTL_TENANT_ID, SYNCCTL_CLIENT_ID and SYNCCTL_CLIENT_SECRET "
+                    "(with the Mail.Read application permission) for tokens syncctl renews itself."
+                )
+            raise MailSourceError(message, permanent=True)
         return reply
 
     def _token(self, mailbox: str, rejected: str | None) -> str:
@@ -256,7 +288,7 @@ class GraphClient:
             if exc.refused:
                 raise MailSourceError(
                     f"The credentials were refused for mailbox {mailbox}: "
-                    f"{self.scrub(str(exc))}; {CREDENTIALS_HINT}.",
+                    f"{clause(self.scrub(str(exc)))}; {CREDENTIALS_HINT}.",
                     permanent=True,
                 ) from None
             raise _Transient(f"no Graph token: {self.scrub(str(exc))}") from None
@@ -275,7 +307,7 @@ class GraphClient:
             self._slots.hold(mailbox) if self._slots is not None else nullcontext()
         )
         try:
-            with slot:
+            with slot, self._slow.watch(partial(self._still_waiting, mailbox, url)):
                 # The deadline starts once the slot is held: waiting for one is not Graph's time.
                 deadline = time.monotonic() + self.settings.request_deadline
                 with self._client.stream("GET", url, params=params, headers=all_headers) as answer:
@@ -294,6 +326,21 @@ class GraphClient:
             raise _Transient(
                 f"connecting timed out after {self.settings.connect_timeout:g}s"
             ) from None
+        except httpx.ConnectError as exc:
+            # Nothing listening, or no such host. A worker waits it out with
+            # backoff (an outage or a restart passes); a command a person runs
+            # says so at once: another try in a few seconds would find the same.
+            metrics.count_graph_request(None)
+            if self.settings.retry_refused_connections:
+                raise _Transient(
+                    f"could not connect to {_without_query(url)} "
+                    f"({clause(self.scrub(str(exc))) or type(exc).__name__})"
+                ) from None
+            raise MailSourceError(
+                f"Could not connect to Graph at {_without_query(url)} "
+                f"({clause(self.scrub(str(exc))) or type(exc).__name__}); check "
+                f"SYNCCTL_GRAPH_URL (now {self.settings.url}) and that this host can reach it."
+            ) from None
         except httpx.TimeoutException:
             metrics.count_graph_request(None)
             raise _Transient(
@@ -304,6 +351,16 @@ class GraphClient:
             raise _Transient(
                 f"connection failed ({type(exc).__name__}: {self.scrub(str(exc))})"
             ) from None
+
+    def _still_waiting(self, mailbox: str, url: str, waited: float) -> None:
+        log.warning(
+            "Graph has not answered a request for mailbox %s in %gs (GET %s); still "
+            "waiting, until the %gs read timeout ends the try if nothing arrives",
+            mailbox,
+            round(waited, 1),
+            urlsplit(url).path,
+            self.settings.read_timeout,
+        )
 
     def _retry_after(self, reply: Reply) -> float | None:
         """Graph's Retry-After in seconds (it may be fractional), capped; None if absent."""
@@ -328,8 +385,13 @@ class GraphClient:
         """A permanent error for an answer no retry can change."""
         what = self.scrub(describe(reply))
         if reply.status == 404:
-            message = f"Mailbox {mailbox} was not found in Graph ({what})."
-        elif reply.status == 403:
+            return MailboxNotFound(
+                f"Mailbox {mailbox} was not found in Graph ({what}); check the store's "
+                "address with `syncctl store list`.",
+                mailbox=mailbox,
+                reason=what,
+            )
+        if reply.status == 403:
             message = (
                 f"Graph denied access to mailbox {mailbox} ({what}); the app needs the "
                 "Mail.Read application permission, and any application access policy "
@@ -354,6 +416,12 @@ def describe(reply: Reply) -> str:
     if message:
         text += f": {message[:_MAX_QUOTE]}"
     return text
+
+
+def _without_query(url: str) -> str:
+    """url without its query (a next link's is long and says nothing to a person)."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}"
 
 
 def origin(url: str) -> str:

@@ -31,6 +31,13 @@ class GraphSettings:
     read_timeout: float = 60.0
     # A response still arriving after this long is abandoned (a server trickling bytes).
     request_deadline: float = 120.0
+    # A request with no complete answer after this long is logged once (it still
+    # waits, until the read timeout or the deadline ends it); 0: never.
+    slow_request_notice: float = 10.0
+    # A refused connection (nothing listening, no such host): tried again with
+    # backoff like a 5xx (workers: a Graph outage or a proxy restart must not
+    # use up attempts), or failed at once (commands a person waits on).
+    retry_refused_connections: bool = False
     # Tries per request (one page, one count) before the attempt fails.
     max_tries: int = 6
     # Longest wait a Retry-After is allowed to impose.

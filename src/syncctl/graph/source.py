@@ -4,6 +4,7 @@ Graph's HTTP client, message listing, folders and delta rounds."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 
 import httpx
@@ -51,6 +52,13 @@ class GraphMailSource:
     def close(self) -> None:
         self._client.close()
 
+    def check_mailbox(self, mailbox: str) -> None:
+        """MailboxNotFound unless Graph knows the mailbox: one request for its
+        Inbox's id (Mail.Read reaches it; looking up the user would need User.Read.All)."""
+        self._client.get(
+            mailbox, self._client.mailbox_url(mailbox, "mailFolders/inbox"), {"$select": "id"}
+        )
+
     def count(self, mailbox: str, window: Window) -> int:
         return messages.count(self._client, mailbox, window)
 
@@ -82,10 +90,12 @@ class GraphMailSource:
         )
 
 
-def open_mail_source(target: DatabaseTarget) -> GraphMailSource:
+def open_mail_source(target: DatabaseTarget, *, worker: bool = False) -> GraphMailSource:
     """Graph as configured by the environment, its per-mailbox request slots kept
-    in target's database. Raises BadInput when no credentials are configured."""
-    settings = GraphSettings.from_env()
+    in target's database. worker: wait out refused connections with backoff
+    (commands a person runs fail at once). Raises BadInput when no credentials
+    are configured."""
+    settings = replace(GraphSettings.from_env(), retry_refused_connections=worker)
     # A slot outlives any request that holds it, so only a crashed holder's slot expires.
     slots = MailboxSlots(target, lease=settings.longest_request + 30.0)
     return GraphMailSource(settings, slots=slots)
