@@ -384,3 +384,29 @@ def test_delta_links_of_another_graph_endpoint_start_a_full_round(
     ).fetchall()
     assert {c["status"] for c in chunks} == {"completed"}
     assert all("not the configured Graph" in c["reason"] for c in chunks)
+
+
+def test_folders_exchanging_many_messages_at_once_write_without_deadlocks(
+    database_url: str, db: Db
+) -> None:
+    # Two folders' rounds run at once, each page touching rows the other's
+    # pages touch too (every move is a removal in one and an addition in the
+    # other): their transactions must not deadlock and cost attempts.
+    email = "exchange@contoso.test"
+    with FakeGraphServer({email: 4000}, seed=31, folders=["Inbox", "Archive"]) as server:
+        env = environment(database_url, server)
+        add_store(email, env)
+        incremental_round(email, env)
+        folders = {f["name"]: f["id"] for f in server.folders(email)}
+        in_inbox = server.message_ids(email, folder=folders["Inbox"])[:600]
+        in_archive = server.message_ids(email, folder=folders["Archive"])[:600]
+        server.move_messages(email, [server.index_of(email, m) for m in in_inbox], "Archive")
+        server.move_messages(email, [server.index_of(email, m) for m in in_archive], "Inbox")
+        syncctl("create", email, "--type", "incremental", "--parallel", "2", env=env)
+        drain("--concurrency", "2", env=env)  # both folders' rounds at once
+        assert_mirrored(db, server, email)
+        retried = db.execute(
+            "SELECT count(*) AS n FROM chunk_attempts WHERE outcome <> 'completed'"
+        ).fetchone()
+        assert retried is not None
+        assert retried["n"] == 0

@@ -21,6 +21,15 @@ UPDATE chunked_sync_jobs SET emails_synced = emails_synced + %(count)s
  WHERE id = %(chunk_id)s
 RETURNING emails_synced;
 
+-- lock_page_rows --
+-- The stored rows a page touches, locked in one order (by id) before any is
+-- written: two folders' rounds of a store run at once and a move touches a
+-- row from both, so locks taken in page order could cross and deadlock.
+SELECT 1 FROM emails
+ WHERE store_id = %(store_id)s AND provider_message_id = ANY(%(ids)s::text[])
+ ORDER BY provider_message_id
+   FOR UPDATE;
+
 -- mark_removed --
 -- Messages that left the folder: marked deleted only if syncctl still has them
 -- in this folder (a move arrives as a removal here and an addition in the
@@ -44,26 +53,36 @@ ON CONFLICT DO NOTHING;
 -- says where to).
 UPDATE emails e
    SET deleted_at = now()
- WHERE e.store_id = %(store_id)s
-   AND e.folder_id = %(folder_id)s
-   AND e.deleted_at IS NULL
-   AND NOT EXISTS (SELECT 1 FROM delta_round_seen s
-                    WHERE s.chunk_id = %(chunk_id)s
-                      AND s.provider_message_id = e.provider_message_id);
+  FROM (SELECT r.id FROM emails r
+         WHERE r.store_id = %(store_id)s
+           AND r.folder_id = %(folder_id)s
+           AND r.deleted_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM delta_round_seen s
+                            WHERE s.chunk_id = %(chunk_id)s
+                              AND s.provider_message_id = r.provider_message_id)
+         ORDER BY r.provider_message_id
+           FOR UPDATE OF r) AS gone  -- locked in the order lock_page_rows uses
+ WHERE e.id = gone.id;
 
 -- forget_seen --
 DELETE FROM delta_round_seen WHERE chunk_id = %(chunk_id)s;
 
 -- save_folder_state --
--- The round ended: the next one starts from its delta link.
+-- The round ended: the next one starts from its delta link. It started when
+-- its chunk's first attempt was claimed (a resumed round goes on from there).
 INSERT INTO folder_sync_state AS f (store_id, folder_id, folder_name, delta_link,
-                                    last_round_at, last_full_round_at)
+                                    last_round_at, last_full_round_at, last_round_started_at)
 VALUES (%(store_id)s, %(folder_id)s, %(folder_name)s, %(delta_link)s, now(),
-        CASE WHEN %(full)s THEN now() END)
+        CASE WHEN %(full)s THEN now() END,
+        coalesce((SELECT min(a.started_at) FROM chunk_attempts a
+                   WHERE a.chunk_id = %(chunk_id)s),
+                 (SELECT c.started_at FROM chunked_sync_jobs c WHERE c.id = %(chunk_id)s),
+                 now()))
 ON CONFLICT (store_id, folder_id) DO UPDATE
    SET folder_name = EXCLUDED.folder_name,
        delta_link = EXCLUDED.delta_link,
        last_round_at = EXCLUDED.last_round_at,
+       last_round_started_at = EXCLUDED.last_round_started_at,
        last_full_round_at = coalesce(EXCLUDED.last_full_round_at, f.last_full_round_at),
        updated_at = now();
 

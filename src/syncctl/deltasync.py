@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import psycopg.errors
 from psycopg.types.json import Jsonb
 
 from syncctl.cleantext import clean_json
@@ -38,6 +41,9 @@ from syncctl.mailsource import DeltaPage, DeltaSource, DeltaStateLost, FolderGon
 from syncctl.queue import Chunk
 
 log = logging.getLogger(__name__)
+
+# Times a page is written again after its transaction deadlocked with another round's.
+DEADLOCK_RETRIES = 3
 
 
 @dataclass
@@ -121,15 +127,34 @@ def write_delta_page(
     conn: Connection, chunk: Chunk, page: DeltaPage, position: RoundPosition, *, lease: timedelta
 ) -> int:
     """Write one page and advance position (and the chunk's checkpoint) past it,
-    in one transaction; the rows it changed."""
-    folder_id = chunk.folder_id
-    assert folder_id is not None
+    in one transaction; the rows it changed. Two folders' rounds of a store
+    run at once; in the rare case their transactions still deadlock, the page
+    is written again (it changes nothing twice) rather than failing the attempt."""
     position.link = page.next_link
     position.read += len(page.messages) + len(page.removed)
     position.done = page.delta_link is not None
+    for attempt in range(1, DEADLOCK_RETRIES + 1):
+        try:
+            return _write_delta_page(conn, chunk, page, position, lease=lease)
+        except psycopg.errors.DeadlockDetected:
+            if attempt == DEADLOCK_RETRIES:
+                raise
+            log.info("%s: a page write deadlocked with another round; writing it again", chunk)
+            time.sleep(random.uniform(0.05, 0.2) * attempt)
+    raise AssertionError("unreachable")
+
+
+def _write_delta_page(
+    conn: Connection, chunk: Chunk, page: DeltaPage, position: RoundPosition, *, lease: timedelta
+) -> int:
+    folder_id = chunk.folder_id
+    assert folder_id is not None
     keys = {"store_id": chunk.store_id, "folder_id": folder_id, "chunk_id": chunk.id}
     with conn.transaction():
         _fence(conn, chunk, position, lease=lease)
+        touched = sorted({m.provider_message_id for m in page.messages} | set(page.removed))
+        if touched:
+            conn.execute(query("lock_page_rows"), {**keys, "ids": touched})
         changed = 0
         if page.messages:
             here = [
