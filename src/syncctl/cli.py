@@ -42,6 +42,7 @@ from syncctl.mailsource import (
     DeltaPage,
     DeltaSource,
     Folder,
+    FolderCount,
     MailSource,
     MailSourceError,
     Page,
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from syncctl.db import Connection
     from syncctl.incremental import CreatedIncrementalJob, Enqueued
     from syncctl.jobs import CreatedJob
+    from syncctl.verify import FolderProof, StoreProof, Verification
 
 
 class _Later(ModuleType):
@@ -74,6 +76,7 @@ class _Later(ModuleType):
 
 if TYPE_CHECKING:
     from syncctl import config, db, incremental, jobs, migrate, operations, progress, queue, reports
+    from syncctl import verify as verification
 else:
     config = _Later("syncctl.config")
     db = _Later("syncctl.db")
@@ -84,6 +87,7 @@ else:
     progress = _Later("syncctl.progress")
     queue = _Later("syncctl.queue")
     reports = _Later("syncctl.reports")
+    verification = _Later("syncctl.verify")
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +366,12 @@ class _MailSourceOnDemand:
 
     def folder_total(self, mailbox: str, folder_id: str) -> int:
         return self._delta().folder_total(mailbox, folder_id)
+
+    def folder_count(self, mailbox: str, folder_id: str, window: Window) -> int:
+        source = self._opened()
+        if not isinstance(source, FolderCount):
+            raise BadInput("This mail source cannot count a folder's messages.")
+        return source.folder_count(mailbox, folder_id, window)
 
     def delta_page(self, mailbox: str, folder_id: str, link: str | None) -> DeltaPage:
         return self._delta().delta_page(mailbox, folder_id, link)
@@ -1591,6 +1601,184 @@ def _finished_jobs_table(rows: list[dict[str, Any]], *, err: bool = False) -> No
         "chunks": "chunks",
     }
     output.table(rows, columns, err=err)
+
+
+# proving a copy
+
+
+@app.command()
+def verify(
+    *,
+    store: Annotated[
+        str | None,
+        typer.Argument(help="The store's id or email (or --all).", show_default=False),
+    ] = None,
+    every_store: Annotated[bool, typer.Option("--all", help="Every store, in one table.")] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit 1 when a folder differs (for cron and probes); differences a round "
+            "in flight or newer mail explains do not count.",
+        ),
+    ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="For each store that differs, enqueue an incremental job whose chunks for "
+            "the folders that differ run a full round (and so reconcile them).",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Prove a copy: each folder's message count in Graph against the store's rows."""
+    if every_store == (store is not None):
+        raise BadInput("Name one store, or pass --all (not both).")
+    target = _target(database_url)
+    with db.connection(target) as conn, closing(_MailSourceOnDemand(target)) as source:
+        migrate.check_schema(conn, target.masked_url)
+        result = verification.verify(conn, source, store_ref=store, repair=repair)
+    _show_verification(result, as_json=as_json)
+    if check and result.failed:
+        differ = [s.store.email for s in result.failed if s.verdict == verification.DIFFERS]
+        unproved = [s.store.email for s in result.failed if s.verdict != verification.DIFFERS]
+        problems = []
+        if differ:
+            copies = "store's copy differs" if len(differ) == 1 else "stores' copies differ"
+            problems.append(f"{len(differ)} {copies} from Graph: {', '.join(differ)}")
+        if unproved:
+            problems.append(
+                f"{_count(len(unproved), 'store')} could not be verified: {', '.join(unproved)}"
+            )
+        raise CheckFailed("; ".join(problems) + ".")
+
+
+def _show_verification(result: Verification, *, as_json: bool) -> None:
+    if as_json:
+        output.emit_json(
+            {
+                "stores": [_store_proof_json(proof) for proof in result.stores],
+                "totals": result.totals(),
+                "repairs": [
+                    {
+                        "store": repair.store,
+                        "job_id": repair.job_id,
+                        "full_rounds": repair.full_rounds,
+                        "skipped": repair.skipped,
+                    }
+                    for repair in result.repairs
+                ],
+            }
+        )
+    elif not result.stores:
+        output.message("No stores yet; add one with `syncctl store add`.")
+        return
+    else:
+        output.table(
+            [row for proof in result.stores for row in _proof_rows(proof)],
+            {
+                "store": "store",
+                "folder": "folder",
+                "graph": "Graph",
+                "rows": "rows",
+                "difference": "difference",
+                "last_round_at": "last round ended",
+                "verdict": "verdict",
+            },
+            optional=("last_round_at",),
+        )
+        totals = result.totals()
+        counts = ", ".join(
+            f"{totals['verdicts'][verdict]} {verdict}"
+            for verdict in verification.FOLDER_VERDICTS
+            if verdict in totals["verdicts"]
+        )
+        output.message(
+            f"{_count(totals['folders'], 'folder')} of {_count(totals['stores'], 'store')}"
+            + (f": {counts}." if counts else ".")
+        )
+    for repair in result.repairs:
+        if repair.job_id is not None:
+            rounds = ", ".join(repair.full_rounds)
+            rounds = f": a full round of {rounds}" if rounds else ""
+            output.message(
+                f"Enqueued job {repair.job_id} for {repair.store.email}{rounds}; the workers "
+                "(`syncctl run`) run it."
+            )
+        else:
+            output.message(f"Did not repair {repair.store.email}: {repair.skipped}.")
+    repaired = {repair.store.id for repair in result.repairs}
+    for proof in result.stores:
+        if proof.verdict == verification.DIFFERS and proof.store.id not in repaired:
+            output.message(
+                f"{proof.store.email} differs from Graph; `{command_name()} verify "
+                f"{proof.store.email} --repair` runs a full round of the folders that differ."
+            )
+
+
+def _store_proof_json(proof: StoreProof) -> dict[str, Any]:
+    window = proof.window
+    return {
+        "store": proof.store,
+        "mode": proof.mode,
+        "verdict": proof.verdict,
+        "problem": proof.problem,
+        "window": None
+        if window is None
+        else {"from": window.received_from, "to": window.received_to},
+        "full_job_id": proof.full_job_id,
+        "active_job_id": proof.active_job_id,
+        "folders": [
+            {
+                "folder_id": folder.folder_id,
+                "folder": folder.folder,
+                "graph": folder.graph,
+                "rows": folder.rows,
+                "difference": folder.difference,
+                "last_round_started_at": folder.last_round_started_at,
+                "last_round_at": folder.last_round_at,
+                "verdict": folder.verdict,
+                "newer_since_last_round": folder.newer,
+            }
+            for folder in proof.folders
+        ],
+    }
+
+
+def _proof_rows(proof: StoreProof) -> list[dict[str, Any]]:
+    """A store's lines of the verify table: one per folder (or its window), or one
+    saying why there is nothing to compare."""
+    if not proof.folders:
+        why = {
+            verification.NOT_VERIFIED: f"not verified: {proof.problem}",
+            verification.JOB_IN_FLIGHT: "job in flight (its first sync)",
+            verification.NEVER_SYNCED: "never synced (no job completed)",
+        }
+        return [{"store": proof.store.email, "verdict": why.get(proof.verdict, proof.verdict)}]
+    return [
+        {
+            "store": proof.store.email,
+            "folder": folder.folder,
+            "graph": folder.graph,
+            "rows": folder.rows,
+            "difference": f"{folder.difference:+d}" if folder.difference else "0",
+            "last_round_at": folder.last_round_at,
+            "verdict": _verdict_text(folder),
+        }
+        for folder in proof.folders
+    ]
+
+
+def _verdict_text(folder: FolderProof) -> str:
+    if folder.verdict == verification.NEWER:
+        return f"{folder.verdict} ({folder.newer} received since it started)"
+    if folder.verdict == verification.DIFFERS:
+        if folder.difference > 0:
+            return f"differs: {folder.difference} missing from the copy"
+        return f"differs: {-folder.difference} rows not in the mailbox"
+    return folder.verdict
 
 
 @dev_app.command("fake-graph")

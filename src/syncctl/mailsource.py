@@ -170,6 +170,16 @@ class MailboxCheck(Protocol):
 
 
 @runtime_checkable
+class FolderCount(Protocol):
+    """A mail source that counts one folder's messages by received time (`verify`)."""
+
+    def folder_count(self, mailbox: str, folder_id: str, window: Window) -> int:
+        """How many messages the folder holds that were received in the window.
+        FolderGone if the folder does not exist."""
+        ...
+
+
+@runtime_checkable
 class DeltaSource(Protocol):
     """A mail source that also serves folders and delta rounds (incremental jobs)."""
 

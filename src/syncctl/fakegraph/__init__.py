@@ -5,8 +5,9 @@ auth and Graph's error bodies:
 
 - ``/v1.0/users/{mailbox}/messages`` and ``.../messages/$count``: every
   folder's messages by received time (messages.py);
-- ``.../mailFolders``, ``.../mailFolders/{id}`` and
-  ``.../mailFolders/{id}/childFolders`` (folders.py);
+- ``.../mailFolders``, ``.../mailFolders/{id}`` (with its
+  ``totalItemCount``) and ``.../mailFolders/{id}/childFolders``
+  (folders.py), and ``.../mailFolders/{id}/messages/$count`` (messages.py);
 - ``.../mailFolders/{id}/messages/delta``: full and change rounds of a
   folder, with delta and page tokens (delta.py);
 - ``/_fake/mailboxes/{email}/...``: a control endpoint that changes a

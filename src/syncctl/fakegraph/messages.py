@@ -1,9 +1,10 @@
-"""``/users/{mailbox}/messages`` and ``.../messages/$count``: every folder's messages by time.
+"""``/users/{mailbox}/messages`` and ``.../messages/$count``: every folder's messages by time;
+``.../mailFolders/{id}/messages/$count``: one folder's.
 
 ``$top`` (1-1000, default 10), ``$skip``, ``$orderby=receivedDateTime asc|desc``,
 a ``receivedDateTime`` ``$filter``, ``$select``, ``$count=true`` and an
 absolute ``@odata.nextLink`` carrying a ``$skiptoken`` that expire_links()
-can make stale.
+can make stale. A count takes the same ``$filter``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ if TYPE_CHECKING:
 _FILTER_CLAUSE = re.compile(r"^\s*(?P<prop>\w+)\s+(?P<op>eq|ne|gt|ge|lt|le)\s+(?P<value>\S+)\s*$")
 
 
-def count(server: FakeGraphServer, mailbox: Mailbox, query: dict[str, str]) -> odata.Answer:
+def count(
+    server: FakeGraphServer, mailbox: Mailbox, query: dict[str, str], folder: str | None = None
+) -> odata.Answer:
+    """GET .../messages/$count, or (folder: its id or well-known name) a folder's."""
     clauses = parse_filter(query.get("$filter"), None)
     with server.mail_lock:
-        total = len(mailbox.listing(clauses))
+        if folder is None:
+            total = len(mailbox.listing(clauses))
+        else:
+            found = mailbox.folder(folder)
+            if found is None:
+                raise odata.not_found()
+            if clauses:
+                listing = mailbox.listing(clauses)
+                total = sum(1 for index in listing if mailbox.folder_of(index) == found.number)
+            else:
+                total = mailbox.total(found.number)  # no listing: a mailbox of millions stays cheap
     return odata.Answer(200, str(total).encode(), content_type="text/plain; charset=utf-8")
 
 

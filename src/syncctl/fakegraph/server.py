@@ -54,6 +54,10 @@ _ROUTES: tuple[tuple[re.Pattern[str], _Endpoint], ...] = tuple(
             lambda fake, mailbox, folder, query, _: folders.one(fake, mailbox, folder, query),
         ),
         (
+            rf"^/mailFolders{_FOLDER}/messages/\$count/?$",
+            lambda fake, mailbox, folder, query, _: messages.count(fake, mailbox, query, folder),
+        ),
+        (
             rf"^/mailFolders{_FOLDER}/childFolders/?$",
             lambda fake, mailbox, folder, query, _: folders.listing(fake, mailbox, folder, query),
         ),

@@ -1,4 +1,4 @@
-"""A mailbox's folders, and delta rounds of one folder's messages.
+"""A mailbox's folders (with their counts), and delta rounds of one folder's messages.
 
 Folders: `mailFolders` and, level by level, each folder's `childFolders`,
 hidden ones included (`includeHiddenFolders=true`): a full job's listing
@@ -23,7 +23,13 @@ import orjson
 
 from syncctl.cleantext import clean_escapes
 from syncctl.graph.client import IMMUTABLE_IDS, GraphClient, Reply, describe, origin
-from syncctl.graph.messages import SELECT_FIELDS, message_from_graph
+from syncctl.graph.messages import (
+    COUNT_HEADERS,
+    SELECT_FIELDS,
+    message_from_graph,
+    plain_count,
+    window_filter,
+)
 from syncctl.mailsource import (
     PAGE_SIZE,
     DeltaPage,
@@ -31,6 +37,7 @@ from syncctl.mailsource import (
     Folder,
     FolderGone,
     MailSourceError,
+    Window,
 )
 
 # Graph's error codes for a delta state it no longer has.
@@ -73,6 +80,18 @@ def folder_total(client: GraphClient, mailbox: str, folder_id: str) -> int:
             f"Graph gave no totalItemCount for folder {folder_id} of mailbox {mailbox}."
         )
     return total
+
+
+def folder_count(client: GraphClient, mailbox: str, folder_id: str, window: Window) -> int:
+    """How many messages of the folder were received in the window: one `$count` request."""
+    reply = client.get(
+        mailbox,
+        client.mailbox_url(mailbox, f"mailFolders/{_segment(folder_id)}/messages/$count"),
+        {"$filter": window_filter(window)},
+        COUNT_HEADERS,
+        expect=lambda reply: _folder_refusal(client, mailbox, folder_id, reply),
+    )
+    return plain_count(client, mailbox, reply)
 
 
 def delta_page(

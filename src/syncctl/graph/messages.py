@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from syncctl.cleantext import clean_escapes
-from syncctl.graph.client import GraphClient
+from syncctl.graph.client import GraphClient, Reply
 from syncctl.mailsource import PAGE_SIZE, MailSourceError, Message, Page, Window
 
 # Every property syncctl stores, and nothing more.
@@ -41,6 +41,8 @@ SELECT_FIELDS = (
 # $orderby must name the first $filter property (else InefficientFilter), so
 # a window without a start still filters from a date before any mail.
 _EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+# Graph counts with a $filter only under eventual consistency.
+COUNT_HEADERS = {"ConsistencyLevel": "eventual"}
 
 
 def count(client: GraphClient, mailbox: str, window: Window) -> int:
@@ -49,9 +51,13 @@ def count(client: GraphClient, mailbox: str, window: Window) -> int:
         mailbox,
         client.mailbox_url(mailbox, "messages/$count"),
         {"$filter": window_filter(window)},
-        # Graph counts with a $filter only under eventual consistency.
-        {"ConsistencyLevel": "eventual"},
+        COUNT_HEADERS,
     )
+    return plain_count(client, mailbox, reply)
+
+
+def plain_count(client: GraphClient, mailbox: str, reply: Reply) -> int:
+    """The number a `$count` request answered with (plain text)."""
     text = reply.content.decode("utf-8-sig", "replace").strip()
     if not text.isdigit():
         raise MailSourceError(

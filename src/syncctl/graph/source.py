@@ -84,6 +84,9 @@ class GraphMailSource:
     def folder_total(self, mailbox: str, folder_id: str) -> int:
         return delta.folder_total(self._client, mailbox, folder_id)
 
+    def folder_count(self, mailbox: str, folder_id: str, window: Window) -> int:
+        return delta.folder_count(self._client, mailbox, folder_id, window)
+
     def delta_page(self, mailbox: str, folder_id: str, link: str | None) -> DeltaPage:
         return delta.delta_page(
             self._client, mailbox, folder_id, link, page_size=self.delta_page_size
