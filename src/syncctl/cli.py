@@ -94,7 +94,6 @@ log = logging.getLogger(__name__)
 _VERBOSE = "syncctl.verbose"
 _MIN_LEASE = timedelta(seconds=5)
 _RECOMMENDED_LEASE = timedelta(seconds=15)  # docs/operations.md, "Sizing leases"
-_RECENT_JOBS = 20
 _WATCH_INTERVAL = 1.0
 # The URL of the database this invocation uses, so an error quoting it can be scrubbed.
 _database_url: ContextVar[str | None] = ContextVar("syncctl_database_url", default=None)
@@ -281,7 +280,10 @@ DatabaseUrl = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of tables.")]
-JobArgument = Annotated[str, typer.Argument(help="The job's id (see `syncctl status`).")]
+JobArgument = Annotated[
+    str,
+    typer.Argument(help="The job's id, or a unique prefix of it (see `syncctl status`)."),
+]
 
 
 def _target(database_url: str | None) -> DatabaseTarget:

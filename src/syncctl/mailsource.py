@@ -5,7 +5,7 @@ at a position of it was received (to cut the window into chunks of about
 equal counts); running a chunk needs one page of messages at a time. An
 incremental job needs the mailbox's folders and, per folder, the pages of a
 delta round: what changed since the last round.
-Microsoft Graph is one implementation (graph.py); tests use others.
+Microsoft Graph is one implementation (the graph package); tests use others.
 """
 
 from __future__ import annotations
