@@ -148,8 +148,8 @@ def run(server: PgServer, *, quick: bool) -> Section:
         f"The mailbox has {len(folders)} folders; discovery is one `mailFolders` request plus "
         "one `childFolders` request per folder that has children.",
         "The first round reads every folder whole (Graph's delta has no state yet), the same "
-        "bytes as the full job; it writes only what differs from the stored rows (compared "
-        "field by field, change key and folder included), so after a full job it writes "
+        "bytes as the full job; it writes only messages the store does not hold at their "
+        "change key, in their folder, not marked deleted, so after a full job it writes "
         f"{first['written']:,} rows: the messages the full job did not see.",
         f"Round 3 wrote {changed['written']:,} rows for {changes:,} changes: a deletion is one "
         "row marked (never removed); a move is one row whose folder changes, or two writes "

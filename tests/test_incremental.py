@@ -63,6 +63,17 @@ def assert_mirrored(db: Db, server: FakeGraphServer, email: str) -> None:
     assert not unmarked, f"{len(unmarked)} messages gone from the mailbox are not marked deleted"
 
 
+def row_versions(db: Db) -> dict[str, tuple[int, int]]:
+    """Each row's (xmin, xmax): a write changes xmin, a row lock sets xmax."""
+    return {
+        row["provider_message_id"]: (row["xmin"], row["xmax"])
+        for row in db.execute(
+            "SELECT provider_message_id, xmin::text::bigint AS xmin, xmax::text::bigint AS xmax"
+            " FROM emails"
+        ).fetchall()
+    }
+
+
 def delta_requests(server: FakeGraphServer) -> list[Any]:
     return [r for r in server.requests if r.path.endswith("/messages/delta")]
 
@@ -152,8 +163,14 @@ def test_first_round_after_a_full_sync_marks_what_was_deleted_meanwhile(
         drain(env=env)
         full_rows = rows(db, email)
         assert all(row["folder_id"] for row in full_rows.values())
+        versions = row_versions(db)
         gone = server.delete_oldest(email, 40)
         incremental_round(email, env)
+        # Rows the round read and found stored as they are were not written,
+        # nor even locked (a lock leaves its transaction in xmax).
+        after = row_versions(db)
+        untouched = set(versions) - set(gone)
+        assert {m: after[m] for m in untouched} == {m: versions[m] for m in untouched}
         assert_mirrored(db, server, email)
         stored = rows(db, email)
         assert all(stored[m]["deleted_at"] is not None for m in gone)

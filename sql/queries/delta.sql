@@ -21,6 +21,12 @@ UPDATE chunked_sync_jobs SET emails_synced = emails_synced + %(count)s
  WHERE id = %(chunk_id)s
 RETURNING emails_synced;
 
+-- stored_versions --
+-- What the store holds of a page's messages: their version, folder, whether marked deleted.
+SELECT provider_message_id, change_key, folder_id, deleted_at IS NOT NULL AS deleted
+  FROM emails
+ WHERE store_id = %(store_id)s AND provider_message_id = ANY(%(ids)s::text[]);
+
 -- lock_page_rows --
 -- The stored rows a page touches, locked in one order (by id) before any is
 -- written: two folders' rounds of a store run at once and a move touches a

@@ -7,7 +7,8 @@ next link), so a killed worker's successor resumes mid-round, and a page
 written twice changes nothing:
 
 - messages added, edited or moved in are upserted with this folder, and
-  a row marked deleted comes back;
+  a row marked deleted comes back; a message the store already holds at its
+  version (Graph's changeKey), in this folder, is left alone;
 - `@removed` ids are marked deleted only where syncctl still has them in
   this folder: a move is a removal from one folder and an addition in
   another, and the two folders' rounds run in either order;
@@ -37,7 +38,14 @@ from syncctl.cleantext import clean_json
 from syncctl.db import Connection, query
 from syncctl.errors import clause
 from syncctl.ingest import LeaseLost, page_json
-from syncctl.mailsource import DeltaPage, DeltaSource, DeltaStateLost, FolderGone, MailSourceError
+from syncctl.mailsource import (
+    DeltaPage,
+    DeltaSource,
+    DeltaStateLost,
+    FolderGone,
+    MailSourceError,
+    Message,
+)
 from syncctl.queue import Chunk
 
 log = logging.getLogger(__name__)
@@ -152,26 +160,23 @@ def _write_delta_page(
     keys = {"store_id": chunk.store_id, "folder_id": folder_id, "chunk_id": chunk.id}
     with conn.transaction():
         _fence(conn, chunk, position, lease=lease)
-        touched = sorted({m.provider_message_id for m in page.messages} | set(page.removed))
+        news = _not_stored_as_is(conn, chunk, page)
+        touched = sorted({m.provider_message_id for m in news} | set(page.removed))
         if touched:
             conn.execute(query("lock_page_rows"), {**keys, "ids": touched})
         changed = 0
-        if page.messages:
-            here = [
-                m if m.folder_id == folder_id else dataclasses.replace(m, folder_id=folder_id)
-                for m in page.messages
-            ]
+        if news:
             changed += conn.execute(
                 query("upsert_emails"),
                 {
                     "store_id": chunk.store_id,
                     "sync_job_id": chunk.parent_sync_job_id,
-                    "page": page_json(here),
+                    "page": page_json(news),
                 },
             ).rowcount
-            if position.full:
-                ids = [m.provider_message_id for m in page.messages]
-                conn.execute(query("remember_seen"), {**keys, "ids": ids})
+        if page.messages and position.full:
+            ids = [m.provider_message_id for m in page.messages]
+            conn.execute(query("remember_seen"), {**keys, "ids": ids})
         if page.removed:
             changed += conn.execute(query("mark_removed"), {**keys, "ids": page.removed}).rowcount
         if position.done:
@@ -190,6 +195,37 @@ def _write_delta_page(
         if changed:
             conn.execute(query("count_synced"), {"chunk_id": chunk.id, "count": changed})
     return changed
+
+
+def _not_stored_as_is(conn: Connection, chunk: Chunk, page: DeltaPage) -> list[Message]:
+    """The page's messages, in this folder, that the store does not hold at
+    their version (Graph's changeKey changes with every change to a message),
+    in this folder and not marked deleted. Only these are written: a first
+    round after a full job, or a page read twice, leaves stored rows alone,
+    without parsing their bodies into the database or locking them."""
+    folder_id = chunk.folder_id
+    here = [
+        m if m.folder_id == folder_id else dataclasses.replace(m, folder_id=folder_id)
+        for m in page.messages
+    ]
+    if not here:
+        return []
+    stored = {
+        row["provider_message_id"]: row
+        for row in conn.execute(
+            query("stored_versions"),
+            {"store_id": chunk.store_id, "ids": [m.provider_message_id for m in here]},
+        )
+    }
+    return [
+        m
+        for m in here
+        if (row := stored.get(m.provider_message_id)) is None
+        or m.change_key is None
+        or row["change_key"] != m.change_key
+        or row["folder_id"] != folder_id
+        or row["deleted"]
+    ]
 
 
 def _restart_full(
