@@ -51,6 +51,9 @@ class ChaosPlan:
     max_attempts: int = 25
     kill_every: tuple[float, float] = (2.0, 5.0)  # seconds between SIGKILLs
     deadline: float = 240.0  # seconds the jobs may take, faults and all
+    # Incremental rounds after the full jobs, each after changes to every
+    # mailbox (new, edited, moved, deleted mail), under the same chaos.
+    incremental_rounds: int = 0
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ChaosReport:
     malformed_pages: int = 0
     malformed_recorded: int = 0  # attempts that ended on a malformed page
     messages_checked: int = 0
+    incremental_rounds: int = 0
+    changes_applied: int = 0
     most_overdue: float = 0.0
     # Seconds the database was down for a crash: no lease can be reaped meanwhile.
     database_down: float = 0.0
@@ -90,6 +95,7 @@ class ChaosReport:
             f"{self.tokens_expired} tokens expired, {self.malformed_pages} malformed pages "
             f"({self.malformed_recorded} recorded as the attempt's error), "
             f"{self.deleted} messages deleted and {self.arrived} arrived mid-run, "
+            f"{self.incremental_rounds} incremental rounds after {self.changes_applied} changes, "
             f"{self.messages_checked} messages checked, most overdue lease "
             f"{self.most_overdue:.1f}s; {len(self.problems)} problem(s)"
         )
@@ -271,7 +277,17 @@ def run_chaos(
                 workers.restart_exited()
                 report.most_overdue = max(report.most_overdue, _most_overdue(observer))
                 if _all_finished(observer):
-                    break
+                    if report.incremental_rounds >= plan.incremental_rounds:
+                        break
+                    _next_incremental_round(
+                        rng,
+                        server=server,
+                        sizes=sizes,
+                        ever=ever,
+                        plan=plan,
+                        report=report,
+                        env=direct,
+                    )
                 time.sleep(0.25)
         finally:
             report.seconds = time.monotonic() - started
@@ -289,7 +305,44 @@ def run_chaos(
             plan=plan,
             report=report,
         )
+        if report.incremental_rounds:
+            _check_mirrored(observer, server=server, sizes=sizes, report=report)
     return report
+
+
+def _next_incremental_round(
+    rng: random.Random,
+    *,
+    server: FakeGraphServer,
+    sizes: dict[str, int],
+    ever: dict[str, set[str]],
+    plan: ChaosPlan,
+    report: ChaosReport,
+    env: dict[str, str],
+) -> None:
+    """Change every mailbox, then enqueue an incremental job for each store."""
+    for email in sorted(sizes):
+        applied = server.apply_changes(
+            email,
+            add=rng.randint(10, 40),
+            edit=rng.randint(10, 40),
+            move=rng.randint(10, 40),
+            delete=rng.randint(10, 40),
+        )
+        ever[email] |= set(applied["added"])
+        report.changes_applied += sum(
+            len(applied[k]) for k in ("added", "edited", "moved", "deleted")
+        )
+        syncctl(
+            "create",
+            email,
+            "--type",
+            "incremental",
+            "--max-attempts",
+            str(plan.max_attempts),
+            env=env,
+        )
+    report.incremental_rounds += 1
 
 
 class _Observer:
@@ -472,6 +525,35 @@ def _check(
             f"a chunk stayed processing {report.most_overdue:.1f}s past its lease "
             f"(allowed: {allowed:.1f}s)"
         )
+
+
+def _check_mirrored(
+    conn: _Observer, *, server: FakeGraphServer, sizes: dict[str, int], report: ChaosReport
+) -> None:
+    """After incremental rounds the copy mirrors the mailbox: every message it
+    holds stored in its folder and not marked deleted; every other row marked."""
+    for email in sizes:
+        held = {
+            message_id: folder["id"]
+            for folder in server.folders(email)
+            for message_id in server.message_ids(email, folder=folder["id"])
+        }
+        rows = conn.execute(
+            "SELECT e.provider_message_id AS id, e.folder_id, e.deleted_at IS NULL AS present"
+            " FROM emails e JOIN stores s ON s.id = e.store_id WHERE s.email = %s",
+            [email],
+        ).fetchall()
+        stored = {row["id"]: row for row in rows}
+        if missing := [m for m in held if m not in stored or not stored[m]["present"]]:
+            report.problems.append(
+                f"{email}: {len(missing)} messages in the mailbox missing or marked deleted"
+            )
+        if misplaced := [m for m, f in held.items() if m in stored and stored[m]["folder_id"] != f]:
+            report.problems.append(f"{email}: {len(misplaced)} messages in the wrong folder")
+        if unmarked := [m for m, row in stored.items() if m not in held and row["present"]]:
+            report.problems.append(
+                f"{email}: {len(unmarked)} messages gone from the mailbox not marked deleted"
+            )
 
 
 def _check_attempts(conn: _Observer, report: ChaosReport) -> None:

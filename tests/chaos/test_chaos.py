@@ -66,7 +66,7 @@ def test_soak(tmp_path: Path) -> None:
         while time.monotonic() < until:
             url = _fresh_migrated_database(owned, f"soak_{seed}")
             report = run_chaos(
-                ChaosPlan(seed=seed, deadline=600),
+                ChaosPlan(seed=seed, deadline=600, incremental_rounds=2),
                 database_url=url,
                 pg_host=owned.host,
                 pg_port=owned.port,
