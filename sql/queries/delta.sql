@@ -4,18 +4,6 @@ SELECT folder_id, folder_name, delta_link, last_round_at, last_full_round_at
   FROM folder_sync_state
  WHERE store_id = %(store_id)s AND folder_id = %(folder_id)s;
 
--- fence_page --
--- Save a delta page's checkpoint and extend the lease, only while this claim
--- holds the chunk; the row lock keeps the reaper out until the page commits.
-UPDATE chunked_sync_jobs
-   SET checkpoint = %(checkpoint)s,
-       processing_time_ms = (extract(epoch FROM clock_timestamp() - started_at) * 1000)::integer,
-       heartbeat_at = now(),
-       lease_expires_at = now() + %(lease)s,
-       updated_at = now()
- WHERE id = %(chunk_id)s AND status = 'processing' AND claim_seq = %(claim_seq)s
-RETURNING emails_synced;
-
 -- count_synced --
 UPDATE chunked_sync_jobs SET emails_synced = emails_synced + %(count)s
  WHERE id = %(chunk_id)s

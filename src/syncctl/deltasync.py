@@ -32,12 +32,10 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg.errors
-from psycopg.types.json import Jsonb
 
-from syncctl.cleantext import clean_json
 from syncctl.db import Connection, query
 from syncctl.errors import clause
-from syncctl.ingest import LeaseLost, page_json
+from syncctl.ingest import LeaseLost, page_json, save_checkpoint
 from syncctl.mailsource import (
     DeltaPage,
     DeltaSource,
@@ -255,16 +253,5 @@ def _folder_gone(
 
 
 def _fence(conn: Connection, chunk: Chunk, position: RoundPosition, *, lease: timedelta) -> None:
-    row = conn.execute(
-        query("fence_page"),
-        {
-            "checkpoint": Jsonb(clean_json(position.checkpoint())),
-            "lease": lease,
-            "chunk_id": chunk.id,
-            "claim_seq": chunk.claim_seq,
-        },
-    ).fetchone()
-    if row is None:
-        raise LeaseLost(
-            f"{chunk} no longer belongs to claim {chunk.claim_seq} of worker {chunk.worker_id}"
-        )
+    # What a page changed is counted once it is written (count_synced).
+    save_checkpoint(conn, chunk, position.checkpoint(), counted=0, lease=lease)

@@ -17,11 +17,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-import psycopg.errors
-
 from syncctl.db import Connection, query
 from syncctl.errors import BadInput
-from syncctl.jobs import Store, check_job_options, find_store, refuse_active_job
+from syncctl.jobs import (
+    Store,
+    check_job_options,
+    find_store,
+    insert_parent_job,
+    refuse_active_job,
+    take_over_store,
+)
 from syncctl.mailsource import MAILBOX_CONCURRENCY, DeltaSource, MailSourceError
 
 INCREMENTAL = "incremental"
@@ -65,16 +70,8 @@ def create_incremental_job(
     refuse_active_job(conn, store, force=force)
     folders = source.folders(store.email)
 
-    from syncctl.operations import cancel_job  # operator commands build on jobs
-
     with conn.transaction():
-        conn.execute(query("lock_store"), {"store_id": store.id})
-        active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
-        cancelled = None
-        if active is not None:
-            refuse_active_job(conn, store, force=force)
-            cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
-            cancelled = active["id"]
+        cancelled = take_over_store(conn, store, force=force)
         folder_ids = [f.id for f in folders]
         gone = conn.execute(
             query("forget_gone_folders"), {"store_id": store.id, "folder_ids": folder_ids}
@@ -123,25 +120,17 @@ def _insert_job(
     max_attempts: int,
     parallel: int,
 ) -> UUID:
-    conn.execute(query("mark_own_job_insert"))
-    try:
-        job = conn.execute(
-            query("insert_incremental_job"),
-            {
-                "business_id": store.business_id,
-                "store_id": store.id,
-                "priority": priority,
-                "parallel": parallel,
-                "max_attempts": max_attempts,
-                "estimated_emails": sum(c.messages or 0 for c in chunks),
-            },
-        ).fetchone()
-    except psycopg.errors.UniqueViolation:
-        raise BadInput(
-            f"Store {store.email} got an active job while this one was being created; "
-            "run `syncctl status` and try again."
-        ) from None
-    assert job is not None
+    job = insert_parent_job(
+        conn,
+        store,
+        "insert_incremental_job",
+        {
+            "priority": priority,
+            "parallel": parallel,
+            "max_attempts": max_attempts,
+            "estimated_emails": sum(c.messages or 0 for c in chunks),
+        },
+    )
     conn.execute(
         query("insert_folder_chunks"),
         {

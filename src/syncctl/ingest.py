@@ -35,24 +35,35 @@ def write_page(
     same transaction.
     """
     with conn.transaction():
-        row = conn.execute(
-            query("save_checkpoint"),
-            {
-                "checkpoint": Jsonb(clean_json(checkpoint)),
-                "page_size": len(messages),
-                "lease": lease,
-                "chunk_id": chunk.id,
-                "claim_seq": chunk.claim_seq,
-            },
-        ).fetchone()
-        if row is None:
-            raise LeaseLost(
-                f"{chunk} no longer belongs to claim {chunk.claim_seq} of worker {chunk.worker_id}"
-            )
+        synced = save_checkpoint(conn, chunk, checkpoint, counted=len(messages), lease=lease)
         if messages:
             _store(conn, chunk, messages)
-        synced: int = row["emails_synced"]
         return synced
+
+
+def save_checkpoint(
+    conn: Connection, chunk: Chunk, checkpoint: dict[str, Any], *, counted: int, lease: timedelta
+) -> int:
+    """The fence of a page: save the chunk's checkpoint, add counted to its
+    emails_synced and extend its lease, only while this claim holds it (else
+    LeaseLost); the row stays locked against the reaper until the caller's
+    transaction commits. Returns emails_synced."""
+    row = conn.execute(
+        query("save_checkpoint"),
+        {
+            "checkpoint": Jsonb(clean_json(checkpoint)),
+            "page_size": counted,
+            "lease": lease,
+            "chunk_id": chunk.id,
+            "claim_seq": chunk.claim_seq,
+        },
+    ).fetchone()
+    if row is None:
+        raise LeaseLost(
+            f"{chunk} no longer belongs to claim {chunk.claim_seq} of worker {chunk.worker_id}"
+        )
+    synced: int = row["emails_synced"]
+    return synced
 
 
 def _store(conn: Connection, chunk: Chunk, messages: list[Message]) -> None:

@@ -178,39 +178,23 @@ def create_job(
     size = chunk_size or chunk_size_for(estimated, parallel)
     chunks = plan_chunks(source, store.email, window, count=estimated, chunk_size=size)
 
-    from syncctl.operations import cancel_job  # operator commands build on jobs
-
     with conn.transaction():
-        conn.execute(query("lock_store"), {"store_id": store.id})
-        active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
-        cancelled = None
-        if active is not None:
-            refuse_active_job(conn, store, force=force)
-            cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
-            cancelled = active["id"]
-        conn.execute(query("mark_own_job_insert"))
-        try:
-            job = conn.execute(
-                query("insert_job"),
-                {
-                    "business_id": store.business_id,
-                    "store_id": store.id,
-                    "sync_type": sync_type,
-                    "priority": priority,
-                    "parallel": parallel,
-                    "sync_from": received_from,
-                    "sync_to": received_to,
-                    "metadata": Jsonb({"chunk_size": size}),
-                    "max_attempts": max_attempts,
-                    "estimated_emails": estimated,
-                },
-            ).fetchone()
-        except psycopg.errors.UniqueViolation:
-            raise BadInput(
-                f"Store {store.email} got an active job while this one was being created; "
-                "run `syncctl status` and try again."
-            ) from None
-        assert job is not None
+        cancelled = take_over_store(conn, store, force=force)
+        job = insert_parent_job(
+            conn,
+            store,
+            "insert_job",
+            {
+                "sync_type": sync_type,
+                "priority": priority,
+                "parallel": parallel,
+                "sync_from": received_from,
+                "sync_to": received_to,
+                "metadata": Jsonb({"chunk_size": size}),
+                "max_attempts": max_attempts,
+                "estimated_emails": estimated,
+            },
+        )
         conn.execute(
             query("insert_window_chunks"),
             {
@@ -237,6 +221,43 @@ def create_job(
         chunks=chunks,
         cancelled_job_id=cancelled,
     )
+
+
+def take_over_store(conn: Connection, store: Store, *, force: bool) -> UUID | None:
+    """Inside the caller's transaction: lock the store against other creates
+    and, if it has an active job, refuse (BadInput) or, with force, cancel it;
+    the id of the job cancelled."""
+    from syncctl.operations import cancel_job  # operator commands build on jobs
+
+    conn.execute(query("lock_store"), {"store_id": store.id})
+    active = conn.execute(query("active_job_of_store"), {"store_id": store.id}).fetchone()
+    if active is None:
+        return None
+    refuse_active_job(conn, store, force=force)
+    cancel_job(conn, active["id"], reason="superseded by a new job (create --force)")
+    cancelled: UUID = active["id"]
+    return cancelled
+
+
+def insert_parent_job(
+    conn: Connection, store: Store, query_name: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Insert the store's new parent job with the named query (params plus the
+    store's ids) as syncctl's own: a store's second active job is refused, not
+    superseded (migration 0009). Returns the row (id, created_at)."""
+    conn.execute(query("mark_own_job_insert"))
+    try:
+        job = conn.execute(
+            query(query_name),
+            {"business_id": store.business_id, "store_id": store.id, **params},
+        ).fetchone()
+    except psycopg.errors.UniqueViolation:
+        raise BadInput(
+            f"Store {store.email} got an active job while this one was being created; "
+            "run `syncctl status` and try again."
+        ) from None
+    assert job is not None
+    return job
 
 
 def check_job_options(*, max_attempts: int, priority: int, parallel: int) -> None:

@@ -27,6 +27,7 @@ from syncctl.graph.messages import (
     COUNT_HEADERS,
     SELECT_FIELDS,
     message_from_graph,
+    page_document,
     plain_count,
     window_filter,
 )
@@ -129,7 +130,7 @@ def delta_page(
 def parse_delta_page(content: bytes) -> DeltaPage:
     """A delta response as a DeltaPage, its text cleaned for PostgreSQL;
     ValueError when it is not one."""
-    document = _parse(content)
+    document = page_document(content)
     next_link = document.get("@odata.nextLink")
     delta_link = document.get("@odata.deltaLink")
     for name, value in (("nextLink", next_link), ("deltaLink", delta_link)):
@@ -198,16 +199,6 @@ def _document(client: GraphClient, mailbox: str, reply: Reply, what: str) -> dic
     if "value" in document and not isinstance(document["value"], list):
         raise MailSourceError(f"Graph answered {what} of mailbox {mailbox} without a list.")
     document.setdefault("value", [])
-    return document
-
-
-def _parse(content: bytes) -> dict[str, Any]:
-    try:
-        document = orjson.loads(clean_escapes(content))
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"unparsable JSON: {exc}") from None
-    if not isinstance(document, dict) or not isinstance(document.get("value"), list):
-        raise ValueError("no 'value' list of messages in the answer")
     return document
 
 

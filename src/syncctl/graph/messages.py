@@ -150,15 +150,22 @@ def _odata_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + "Z"
 
 
-def parse_page(content: bytes) -> Page:
-    """A Graph list response as a Page, its text cleaned for PostgreSQL;
-    ValueError when it is not one."""
+def page_document(content: bytes) -> dict[str, Any]:
+    """A Graph page of messages (a listing's or a delta round's) as JSON, its
+    text cleaned for PostgreSQL; ValueError when it has no list of items."""
     try:
         document = orjson.loads(clean_escapes(content))
     except orjson.JSONDecodeError as exc:
         raise ValueError(f"unparsable JSON: {exc}") from None
     if not isinstance(document, dict) or not isinstance(document.get("value"), list):
         raise ValueError("no 'value' list of messages in the answer")
+    return document
+
+
+def parse_page(content: bytes) -> Page:
+    """A Graph list response as a Page, its text cleaned for PostgreSQL;
+    ValueError when it is not one."""
+    document = page_document(content)
     next_link = document.get("@odata.nextLink")
     if next_link is not None and not isinstance(next_link, str):
         raise ValueError("'@odata.nextLink' is not a string")
